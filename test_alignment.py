@@ -1,0 +1,385 @@
+"""Tests of the models (vit.py) and of TL-Align (tl_align.py), on tiny CPU models.
+
+Each test checks a value against an independent formulation, an invariant or a hand computation.
+Random models get sharpened attention (`sharpen`): at initialisation attention is almost uniform,
+and uniform attention would hide a transposed or misplaced attention matrix.
+"""
+import hashlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tl_align as tl
+import vit
+
+torch.set_default_dtype(torch.float32)
+
+
+def tiny(name: str, **kw):
+    """A small random model of either family; Swin has shifted windows in stages 0 and 1, merging twice."""
+    if name == "vit":
+        cfg = dict(embed_dim=32, depth=3, num_heads=4)
+        m = vit.create_model("vit_mini", num_classes=7, **{**cfg, **kw})
+    else:
+        cfg = dict(embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4))
+        m = vit.create_model("swin_mini", num_classes=7, **{**cfg, **kw})
+    return sharpen(m)
+
+
+def sharpen(model, scale: float = 6.0, seed: int = 0):
+    """Scale query/key weights and randomise position tables so that attention maps are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                C = p.shape[1]
+                p[: 2 * C].mul_(scale)
+            elif name.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def patch_size(model) -> int:
+    return model.patch_embed.proj.kernel_size[0]
+
+
+def random_token_labels(B: int, N: int, K: int, seed: int = 0) -> torch.Tensor:
+    """(B, N, K) random rows on the simplex."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, N, K, generator=g).softmax(-1)
+
+
+def capture_attention(model):
+    """Forward hooks that record every attention layer's weights, in call order."""
+    maps, handles = [], []
+    for mod in model.modules():
+        if isinstance(mod, vit.Attention):
+            handles.append(mod.register_forward_hook(lambda m, i, out: maps.append(out[1].detach())))
+    return maps, handles
+
+
+FAMILIES = ["vit", "swin"]
+
+
+# 1. K = 2 source tracking equals full C-class label propagation ------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["grid", "pixel"])
+def test_two_sources_equal_full_class_labels(family, mode):
+    torch.manual_seed(1)
+    model = tiny(family).eval()
+    C = 7
+    x, y = torch.randn(5, 3, 32, 32), torch.tensor([0, 3, 6, 3, 1])
+    xm, w, lam = tl.cutmix(x, patch_size(model), mode=mode, lam=0.55)
+    sources = torch.stack([y, y.flip(0)], dim=1)  # (B, 2)
+    onehot = F.one_hot(sources, C).float()  # (B, 2, C)
+    class_tokens = torch.einsum("bnk,bkc->bnc", w, onehot)  # (B, N, C): the official code's token labels
+    with torch.no_grad():
+        _, label_k2 = model(xm, w)
+        _, label_kc = model(xm, class_tokens)
+    target_k2 = tl.class_target(label_k2, sources, C)
+    assert label_kc.shape == (5, C)
+    assert (target_k2 - label_kc).abs().max() < 1e-6
+    # and the label is not trivially the area label: alignment moved it
+    assert (label_k2[:, 0] - lam).abs().max() > 1e-3
+
+
+# 2. An independent re-implementation of the official loop on the exposed attention maps -----------
+
+def test_vit_label_equals_official_loop():
+    torch.manual_seed(2)
+    model = tiny("vit").eval()
+    x = torch.randn(4, 3, 32, 32)
+    w = random_token_labels(4, model.num_patches, 3)
+    maps, handles = capture_attention(model)
+    with torch.no_grad():
+        _, label = model(x, w)
+    for h in handles:
+        h.remove()
+    assert len(maps) == len(model.blocks)
+    # official loop: class token starts at the mean, then Y <- (Y + mean_h(A) Y) / 2 per block
+    Y = torch.cat([w.mean(1, keepdim=True), w], 1).double()
+    for attn in maps:
+        A = attn.double().mean(1)
+        assert torch.allclose(A.sum(-1), torch.ones_like(A.sum(-1)), atol=1e-5)
+        Y = (Y + A @ Y) / 2
+    assert (label.double() - Y[:, 0]).abs().max() < 1e-6
+
+
+def window_token_index(R: int, ws: int, shift: int) -> torch.Tensor:
+    """(nW, ws*ws) flat token index in the unshifted R x R map of every window position.
+
+    Written from the definition of a cyclic shift (shifted[r, c] = x[(r + s) % R, (c + s) % R]),
+    independently of vit.window_partition and torch.roll.
+    """
+    idx = torch.empty(R // ws, R // ws, ws, ws, dtype=torch.long)
+    for wi in range(R // ws):
+        for wj in range(R // ws):
+            for a in range(ws):
+                for b in range(ws):
+                    r, c = (wi * ws + a + shift) % R, (wj * ws + b + shift) % R
+                    idx[wi, wj, a, b] = r * R + c
+    return idx.view(-1, ws * ws)
+
+
+def test_swin_label_equals_dense_block_diagonal_loop():
+    """Scatter each window attention into a dense (R^2, R^2) matrix, then run the plain loop."""
+    torch.manual_seed(3)
+    model = tiny("swin").eval()
+    B, K = 3, 2
+    x = torch.randn(B, 3, 32, 32)
+    w = random_token_labels(B, model.num_patches, K)
+    maps, handles = capture_attention(model)
+    with torch.no_grad():
+        _, label = model(x, w)
+    for h in handles:
+        h.remove()
+    Y = w.double()  # (B, R*R, K)
+    R = model.patch_embed.grid
+    maps = iter(maps)
+    shifted = 0
+    for stage in model.layers:
+        if stage.downsample is not None:  # patch merging: the mean of each 2x2 neighbourhood
+            Y = Y.view(B, R // 2, 2, R // 2, 2, K).mean((2, 4)).reshape(B, -1, K)
+            R //= 2
+        for blk in stage.blocks:
+            attn = next(maps).double().mean(1)  # (B*nW, n, n)
+            idx = window_token_index(R, blk.ws, blk.shift)  # (nW, n)
+            nW, n = idx.shape
+            dense = torch.zeros(B, R * R, R * R, dtype=torch.double)
+            rows = idx[:, :, None].expand(nW, n, n)
+            cols = idx[:, None, :].expand(nW, n, n)
+            for b in range(B):
+                dense[b, rows, cols] = attn[b * nW:(b + 1) * nW]
+            assert torch.allclose(dense.sum(-1), torch.ones(B, R * R, dtype=torch.double), atol=1e-5)
+            Y = (Y + dense @ Y) / 2
+            shifted += blk.shift > 0
+    assert shifted == 2  # the test really went through shifted windows
+    assert (label.double() - Y.mean(1)).abs().max() < 1e-6
+
+
+# 3. Invariants ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_stay_on_the_simplex(family):
+    torch.manual_seed(4)
+    model = tiny(family).eval()
+    w = random_token_labels(3, model.num_patches, 5)
+    with torch.no_grad():
+        _, label = model(torch.randn(3, 3, 32, 32), w)
+    assert label.dtype == torch.float32 and label.min() >= 0
+    assert (label.sum(-1) - 1).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_constant_label_map_is_unchanged(family):
+    """Mixup: every token has the same label; rows of attention sum to 1, so alignment is the identity."""
+    torch.manual_seed(5)
+    model = tiny(family).eval()
+    x, _ = tl.mixup(torch.randn(3, 3, 32, 32), lam=0.3)
+    w = torch.tensor([0.3, 0.7]).expand(3, model.num_patches, 2)
+    with torch.no_grad():
+        _, label = model(x, w)
+    assert (label - torch.tensor([0.3, 0.7])).abs().max() < 1e-6
+
+
+# 4. Hand-computed cases ---------------------------------------------------------------------------
+
+def test_align_labels_by_hand():
+    # two heads over three tokens; their mean is not symmetric, so a transposed A would be caught
+    head1 = torch.eye(3)
+    head2 = torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    attn = torch.stack([head1, head2])[None]  # (1, 2, 3, 3)
+    Y = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
+    # mean A = [[.5,.5,0],[0,.5,.5],[.5,0,.5]]; A Y = [[.5,.5],[.25,.75],[.75,.25]]; (Y + A Y) / 2:
+    expected = torch.tensor([[[0.75, 0.25], [0.125, 0.875], [0.625, 0.375]]])
+    assert torch.allclose(tl.align_labels(Y, attn), expected)
+
+
+def test_transmix_lambda_by_hand():
+    cls_attn = torch.tensor([[0.1, 0.15, 0.25]])  # unnormalised: renormalised to .2 .3 .5
+    w = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
+    # lam_attn = .2*1 + .3*0 + .5*.5 = .45; TransMix uses (lam_area + lam_attn) / 2 = (.6 + .45) / 2
+    out = tl.transmix_lambda(cls_attn, w, lam=0.6)
+    assert torch.allclose(out, torch.tensor([[0.525, 0.475]]))
+
+
+def test_class_target_and_loss_by_hand():
+    t = tl.class_target(torch.tensor([[0.7, 0.3]]), torch.tensor([[2, 0]]), num_classes=4, smoothing=0.1)
+    # smoothed one-hots: .9 * e + .025; .7 * (.025,.025,.925,.025) + .3 * (.925,.025,.025,.025)
+    assert torch.allclose(t, torch.tensor([[0.295, 0.025, 0.655, 0.025]]))
+    logits = torch.randn(3, 4)
+    target = torch.rand(3, 4).softmax(-1)
+    assert torch.allclose(tl.soft_cross_entropy(logits, target), F.cross_entropy(logits, target))
+
+
+def test_vit_transmix_attention_is_last_class_token_row():
+    torch.manual_seed(6)
+    model = tiny("vit").eval()
+    maps, handles = capture_attention(model)
+    with torch.no_grad():
+        logits, cls_attn = model(torch.randn(2, 3, 32, 32), return_cls_attn=True)
+    for h in handles:
+        h.remove()
+    assert torch.equal(cls_attn, maps[-1][:, :, 0, 1:].mean(1))
+    with pytest.raises(TypeError):
+        tiny("swin")(torch.randn(1, 3, 32, 32), return_cls_attn=True)  # TransMix needs a class token
+
+
+# 5. Labels never change the network -----------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_do_not_change_logits_or_gradients(family):
+    model = tiny(family, drop_path_rate=0.2).train()  # drop path on: the label path must use no RNG
+    x = torch.randn(4, 3, 32, 32)
+    w = random_token_labels(4, model.num_patches, 2)
+
+    def run(with_labels):
+        model.zero_grad()
+        torch.manual_seed(7)
+        out = model(x, w) if with_labels else (model(x), None)
+        out[0].square().sum().backward()
+        return out[0].detach(), [p.grad.clone() for p in model.parameters()], out[1]
+
+    logits_a, grads_a, _ = run(False)
+    logits_b, grads_b, label = run(True)
+    assert torch.equal(logits_a, logits_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert not label.requires_grad  # attention is detached on the label path: no gradient through labels
+
+
+# 6. Window partition and patch merging -----------------------------------------------------------
+
+def test_window_partition_round_trip_and_layout():
+    x = torch.arange(2 * 8 * 8 * 3).float().view(2, 8, 8, 3)
+    windows = vit.window_partition(x, 4)  # (2*4, 16, 3)
+    assert windows.shape == (8, 16, 3)
+    assert torch.equal(vit.window_reverse(windows, 4, 8, 8), x)
+    # window 1 of image 0 is rows 0-3, columns 4-7, row-major inside
+    assert torch.equal(windows[1, :, 0], x[0, 0:4, 4:8, 0].flatten())
+    # the shifted partition of a block covers each token once, at the position the shift says
+    blk = tiny("swin").layers[0].blocks[1]
+    R = 16
+    ids = torch.arange(R * R).float().view(1, R, R, 1)
+    assert torch.equal(blk.partition(ids)[:, :, 0].long(), window_token_index(R, blk.ws, blk.shift))
+    assert torch.equal(blk.reverse(blk.partition(ids), R, R), ids)
+
+
+def test_patch_merging_labels_and_channel_order():
+    labels = torch.rand(2, 4, 6, 3)
+    merged = vit.merge_labels(labels)
+    assert torch.allclose(merged[1, 1, 2], labels[1, 2:4, 4:6].mean((0, 1)))
+    assert torch.allclose(merged.sum(-1), labels.sum(-1).view(2, 2, 2, 3, 2).mean((2, 4)))
+    # features: 2x2 block [[a, b], [c, d]] is concatenated as (a, c, b, d), the checkpoints' order
+    pm = vit.PatchMerging(1)
+    pm.norm = torch.nn.Identity()
+    with torch.no_grad():
+        pm.reduction.weight.copy_(torch.tensor([[0, 1.0, 0, 0], [0, 0, 1.0, 0]]))  # picks slots 1, 2
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 2, 2, 1)  # a=1 b=2 c=3 d=4
+    out, _ = pm(x)
+    assert out.flatten().tolist() == [3.0, 2.0]
+
+
+# 7. CutMix ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["grid", "pixel"])
+@pytest.mark.parametrize("B", [1, 4, 5])
+def test_cutmix_pixels_and_token_weights(mode, B):
+    torch.manual_seed(8)
+    p, H = 4, 32
+    x = torch.randn(B, 3, H, H) + 10 * torch.arange(B).view(B, 1, 1, 1)  # images far apart
+    for trial in range(10):
+        xm, w, lam = tl.cutmix(x, p, alpha=1.0, mode=mode)
+        assert w.shape == (B, (H // p) ** 2, 2) and w.dtype == torch.float32
+        from_x1 = (xm == x).all(dim=1)  # (B, H, W): pixels that came from x itself
+        from_x2 = (xm == x.flip(0)).all(dim=1)
+        assert (from_x1 | from_x2).all()  # every pixel comes from one of the pair
+        for i in range(B):
+            if i == B - 1 - i:  # the middle image of an odd batch is paired with itself
+                assert torch.equal(xm[i], x[i])
+                continue
+            share = F.avg_pool2d(from_x1[i].float()[None, None], p).flatten()
+            assert torch.allclose(w[i, :, 0], share, atol=1e-6)  # token weight = its pixel share
+            assert abs(from_x1[i].float().mean().item() - lam) < 1e-6  # lam = share of x's pixels
+            box = ~from_x1[i]  # the pasted region is one axis-aligned rectangle
+            if box.any():
+                rows, cols = box.any(1).nonzero(), box.any(0).nonzero()
+                assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        assert torch.allclose(w.sum(-1), torch.ones(B, (H // p) ** 2))
+        assert abs(w[..., 0].mean().item() - lam) < 1e-6
+        if mode == "grid":
+            assert set(w.unique().tolist()) <= {0.0, 1.0}  # whole patches swapped
+    with pytest.raises(ValueError):
+        tl.cutmix(x, p, mode="box")
+    with pytest.raises(ValueError):
+        tl.cutmix(torch.randn(2, 3, 30, 30), p)
+
+
+def test_cutmix_pixel_mode_gives_soft_tokens():
+    torch.manual_seed(9)
+    soft = 0
+    for _ in range(20):
+        _, w, _ = tl.cutmix(torch.randn(2, 3, 32, 32), 8, mode="pixel")
+        soft += ((w > 0) & (w < 1)).any().item()
+    assert soft > 10  # boxes on pixels cut through patches most of the time
+
+
+def test_mixup_is_the_convex_combination():
+    x = torch.randn(3, 2, 4, 4)
+    xm, lam = tl.mixup(x, lam=0.25)
+    assert lam == 0.25 and torch.allclose(xm, 0.25 * x + 0.75 * x.flip(0))
+
+
+# 8. Autocast ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_label_is_float32_under_bf16_autocast(family):
+    torch.manual_seed(10)
+    model = tiny(family)
+    xm, w, _ = tl.cutmix(torch.randn(3, 3, 32, 32), patch_size(model), mode="pixel")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, label = model(xm, w)
+    assert logits.dtype == torch.bfloat16 and label.dtype == torch.float32
+    assert (label.sum(-1) - 1).abs().max() < 1e-5
+    with torch.no_grad():
+        _, label32 = model(xm, w)
+    assert (label - label32).abs().max() < 2e-2  # bf16 attention, same labels to its precision
+
+
+# Architecture facts --------------------------------------------------------------------------------
+
+# sha256 of the sorted "name (shape)" lines of timm 1.0.31's state dicts (computed once, by hand)
+TIMM = {
+    "deit_t": (5_717_416, "e1821155d0eba217"), "deit_s": (22_050_664, "02ef580c167435d6"),
+    "deit_b": (86_567_656, "6e116342a243f50b"), "swin_t": (28_288_354, "200e903bd6eb53ea"),
+    "swin_s": (49_606_258, "394893058ebeb68b"), "swin_b": (87_768_224, "359e800918d43853"),
+}
+
+
+@pytest.mark.parametrize("name", list(TIMM))
+def test_parameter_names_shapes_and_counts_match_timm(name):
+    with torch.device("meta"):  # no memory, no init: names and shapes only
+        model = vit.create_model(name)
+    sd = model.state_dict()
+    lines = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sorted(sd.items()))
+    count, digest = TIMM[name]
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest, lines[:2000]
+
+
+def test_image_size_changes_grid_and_bad_sizes_are_refused():
+    m = vit.create_model("vit_mini", num_classes=10, img_size=48)
+    assert m.num_patches == 144 and m(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+    with pytest.raises(ValueError, match="built for 48x48"):
+        m(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiple of the window"):
+        vit.create_model("swin_t", img_size=200)
+    with pytest.raises(ValueError, match="patch size"):
+        vit.create_model("deit_t", img_size=100)
+    with pytest.raises(ValueError, match="unknown model"):
+        vit.create_model("resnet50")
+    # maps no larger than the window are one window with no shift (8 -> ws 4 with shift, 4 -> ws 4, 2 -> ws 2)
+    swin = vit.create_model("swin_mini", num_classes=3, img_size=16)
+    assert [(b.ws, b.shift) for s in swin.layers for b in s.blocks] == [(4, 0), (4, 2), (4, 0), (4, 0), (2, 0), (2, 0)]
+    assert swin(torch.randn(2, 3, 16, 16)).shape == (2, 3)

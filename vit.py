@@ -1,0 +1,399 @@
+"""Vision Transformers written out: ViT/DeiT and Swin, with attention that returns its weights.
+
+- ViT/DeiT: Dosovitskiy et al. 2021, Touvron et al. 2021 (class token, learned position embedding).
+- Swin: Liu et al. 2021 (window attention with relative position bias, shifted windows with an
+  attention mask, patch merging, global average pooling).
+
+Every attention layer is an explicit softmax and hands its weights to the label path of TL-Align
+(tl_align.align_labels, paper Sec. 3): `model(x, token_labels)` returns the logits and the aligned
+label of what the classifier reads. Without labels `model(x)` is an ordinary classifier.
+
+Parameter names and shapes are those of timm's deit_{tiny,small,base}_patch16_224 and
+swin_{tiny,small,base}_patch4_window7_224 (timm >= 0.9 layout: Swin's patch merging opens the
+stage it feeds), so their checkpoints load with strict=True. Facts taken from timm and from
+microsoft/Swin-Transformer: the layer layout, LayerNorm eps (1e-6 ViT, 1e-5 Swin), the -100 shift
+mask, the order of the 2x2 concatenation in patch merging, the window/shift clamp for small maps.
+No code was copied.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tl_align import align_labels
+
+# name: architecture; img_size is the default input size (create_model may change it)
+PRESETS = {
+    # ViT/DeiT, patch 16, 224 px, class token
+    "deit_t": dict(family="vit", img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),   # 5.72M
+    "deit_s": dict(family="vit", img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),   # 22.05M
+    "deit_b": dict(family="vit", img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),  # 86.57M
+    # Swin, patch 4, window 7, 224 px
+    "swin_t": dict(family="swin", img_size=224, patch_size=4, window_size=7, embed_dim=96,
+                   depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),    # 28.29M
+    "swin_s": dict(family="swin", img_size=224, patch_size=4, window_size=7, embed_dim=96,
+                   depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),   # 49.61M
+    "swin_b": dict(family="swin", img_size=224, patch_size=4, window_size=7, embed_dim=128,
+                   depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),   # 87.77M
+    # 32 px images (CIFAR, padded Fashion-MNIST, synthetic): 8x8 / 16x16 token grids; sized so that a
+    # 60k-image epoch trains in about 3 minutes on a 2-core CPU (~320 images/s)
+    "vit_mini": dict(family="vit", img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),   # 0.68M
+    "swin_mini": dict(family="swin", img_size=32, patch_size=2, window_size=4, embed_dim=48,
+                      depths=(2, 2, 2), num_heads=(2, 4, 8)),         # 1.27M
+}
+
+
+def create_model(name: str, num_classes: int = 1000, img_size: int | None = None, in_chans: int = 3,
+                 drop_path_rate: float = 0.0, **overrides) -> nn.Module:
+    """Build a preset by name; img_size=None keeps the preset's size, overrides replace its fields."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = {**PRESETS[name], **overrides}
+    family = cfg.pop("family")
+    cfg["img_size"] = img_size or cfg["img_size"]
+    cls = VisionTransformer if family == "vit" else SwinTransformer
+    return cls(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **cfg)
+
+
+# ----------------------------------------------------------------------------- shared parts
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class Mlp(nn.Module):
+    """Two-layer MLP with GELU, applied to each token alone (so token labels pass unchanged)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> tokens, channels last: (B, C, H, W) -> (B, H/p, W/p, D)."""
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, norm: bool):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
+        self.img_size, self.grid = img_size, img_size // patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
+
+    def forward(self, x):
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(f"the model was built for {self.img_size}x{self.img_size} images, got "
+                             f"{x.shape[-2]}x{x.shape[-1]}; pass img_size to create_model")
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, D)
+
+
+class Attention(nn.Module):
+    """Multi-head softmax attention over all tokens that also returns its weights (B, h, N, N)."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, bias=None):
+        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count.
+
+        Returns out (B, N, C) and attn (B, h, N, N).
+        """
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+        if bias is not None:  # broadcast over leading groups of the batch, e.g. the images of a window batch
+            logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
+        attn = logits.softmax(dim=-1, dtype=torch.float32)  # fp32 under autocast too, as CUDA autocast does
+        out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(out), attn
+
+
+def init_weights(module: nn.Module):
+    """timm's defaults: truncated-normal(0.02) linear weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------- ViT / DeiT
+
+class Block(nn.Module):
+    """Pre-norm transformer block; labels move with the attention (paper Sec. 3)."""
+
+    def __init__(self, dim: int, num_heads: int, drop_path: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x, labels=None):
+        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, attn (B, h, N, N)."""
+        a, attn = self.attn(self.norm1(x))
+        x = x + self.drop_path(a)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if labels is not None:
+            # the whole block's label update; DropPath is ignored here, as in the official code
+            labels = align_labels(labels, attn)
+        return x, labels, attn
+
+
+class VisionTransformer(nn.Module):
+    """ViT/DeiT with a class token: logits from the class token after the final norm."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
+                 depth=12, num_heads=12, drop_path_rate=0.0):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm=False)
+        self.num_patches = self.patch_embed.grid ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # deeper blocks drop more often
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, dpr[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes)
+        init_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, x, token_labels=None, return_cls_attn=False):
+        """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
+
+        Returns logits (B, num_classes); with token_labels also the aligned label (B, K) float32 of
+        the class token; with return_cls_attn also the last block's class-token attention to the
+        patches, mean over heads, detached (B, N) (for TransMix).
+        """
+        x = self.patch_embed(x).flatten(1, 2)  # (B, N, D)
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
+        labels = None
+        if token_labels is not None:
+            y = token_labels.float()
+            # the class token starts at y~ = the mean of the patch labels (paper Eq. (1))
+            labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
+        for blk in self.blocks:
+            x, labels, attn = blk(x, labels)
+        logits = self.head(self.norm(x[:, 0]))
+        out = (logits,)
+        if token_labels is not None:
+            out += (labels[:, 0],)
+        if return_cls_attn:
+            out += (attn[:, :, 0, 1:].detach().mean(dim=1),)
+        return out[0] if len(out) == 1 else out
+
+
+# ----------------------------------------------------------------------------- Swin
+
+def window_partition(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * H/ws * W/ws, ws*ws, C): non-overlapping windows, row-major inside."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // ws, ws, W // ws, ws, C).transpose(2, 3)  # (B, H/ws, W/ws, ws, ws, C)
+    return x.reshape(-1, ws * ws, C)
+
+
+def window_reverse(windows: torch.Tensor, ws: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of window_partition: (B * nW, ws*ws, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, H // ws, W // ws, ws, ws, C).transpose(2, 3)  # (B, H/ws, ws, W/ws, ws, C)
+    return x.reshape(-1, H, W, C)
+
+
+def relative_position_index(ws: int) -> torch.Tensor:
+    """(ws*ws, ws*ws) index into the ((2ws-1)^2, h) bias table for every query/key pair."""
+    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]) + (ws - 1)  # (2, N, N), offsets shifted to >= 0
+    return rel[0] * (2 * ws - 1) + rel[1]
+
+
+def shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
+    """(nW, ws*ws, ws*ws) additive mask: -100 between tokens that the cyclic shift made neighbours."""
+    region = torch.zeros(1, H, W, 1)
+    cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
+    for i, (hs, wsl) in enumerate((hs, wsl) for hs in cuts for wsl in cuts):
+        region[:, hs, wsl] = i
+    region = window_partition(region, ws).squeeze(-1)  # (nW, ws*ws)
+    same = region[:, :, None] == region[:, None, :]
+    return torch.zeros(same.shape).masked_fill_(~same, -100.0)
+
+
+class WindowAttention(Attention):
+    """Attention inside a window, with a learned bias per relative position and head."""
+
+    def __init__(self, dim: int, num_heads: int, ws: int):
+        super().__init__(dim, num_heads)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(ws), persistent=False)
+
+    def forward(self, x, mask=None):
+        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None. Returns out, attn (B*nW, h, n, n)."""
+        n = x.shape[1]
+        bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, n, n)
+        if mask is not None:
+            bias = bias + mask[:, None]  # (nW, h, n, n), broadcast over the images of the batch
+        return super().forward(x, bias)
+
+
+class SwinBlock(nn.Module):
+    """Swin block: (shifted) window attention + MLP; labels are windowed exactly like the features."""
+
+    def __init__(self, dim: int, num_heads: int, resolution: int, window_size: int, shift: bool,
+                 drop_path: float):
+        super().__init__()
+        # a map no larger than the window is one window, and shifting it would do nothing
+        self.ws = min(window_size, resolution)
+        self.shift = self.ws // 2 if shift and resolution > window_size else 0
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, self.ws)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)
+        mask = shift_mask(resolution, resolution, self.ws, self.shift) if self.shift else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def partition(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B*nW, ws*ws, C): cyclic shift, then windows."""
+        if self.shift:
+            t = torch.roll(t, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        return window_partition(t, self.ws)
+
+    def reverse(self, windows: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """(B*nW, ws*ws, C) -> (B, H, W, C): windows back in place, shift undone."""
+        t = window_reverse(windows, self.ws, H, W)
+        if self.shift:
+            t = torch.roll(t, shifts=(self.shift, self.shift), dims=(1, 2))
+        return t
+
+    def forward(self, x, labels=None):
+        """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x, labels."""
+        B, H, W, C = x.shape
+        a, attn = self.attn(self.partition(self.norm1(x)), self.attn_mask)  # attn: (B*nW, h, n, n)
+        x = x + self.drop_path(self.reverse(a, H, W))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if labels is not None:
+            # window attention is block-diagonal: align each window's labels with its own attention
+            labels = self.reverse(align_labels(self.partition(labels), attn), H, W)
+        return x, labels
+
+
+def merge_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Patch merging joins a 2x2 neighbourhood into one token: its label is their mean.
+
+    (B, H, W, K) -> (B, H/2, W/2, K).
+    """
+    B, H, W, K = labels.shape
+    return labels.view(B, H // 2, 2, W // 2, 2, K).mean(dim=(2, 4))
+
+
+class PatchMerging(nn.Module):
+    """2x2 neighbourhood -> one token with twice the channels: (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x, labels=None):
+        B, H, W, C = x.shape
+        # channel order x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], as the checkpoints expect
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        x = self.reduction(self.norm(x))
+        return x, (merge_labels(labels) if labels is not None else None)
+
+
+class SwinStage(nn.Module):
+    """Optional patch merging, then blocks alternating regular and shifted windows."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, resolution: int, window_size: int,
+                 downsample: bool, drop_path: list[float]):
+        super().__init__()
+        self.downsample = PatchMerging(dim // 2) if downsample else None
+        self.blocks = nn.ModuleList(
+            SwinBlock(dim, num_heads, resolution, window_size, shift=i % 2 == 1, drop_path=drop_path[i])
+            for i in range(depth))
+
+    def forward(self, x, labels=None):
+        if self.downsample is not None:
+            x, labels = self.downsample(x, labels)
+        for blk in self.blocks:
+            x, labels = blk(x, labels)
+        return x, labels
+
+
+class PoolHead(nn.Module):
+    """Global average pool over the token map, then a linear classifier (timm's `head.fc`)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.mean(dim=(1, 2)))  # (B, H, W, C) -> (B, num_classes)
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer; the classifier reads the mean token, so the target is the mean token label."""
+
+    def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.0):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm=True)
+        res = self.patch_embed.grid
+        self.num_patches = res ** 2
+        dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        stages = []
+        for i, depth in enumerate(depths):
+            if i > 0 and res % 2:
+                raise ValueError(f"image size {img_size}: stage {i} would merge an odd {res}x{res} token "
+                                 f"map; use an image size whose token grid halves evenly")
+            res = res // 2 if i > 0 else res
+            ws = min(window_size, res)
+            if res % ws:
+                raise ValueError(f"image size {img_size}: stage {i}'s {res}x{res} token map is not a "
+                                 f"multiple of the window {ws}; use a multiple of "
+                                 f"{patch_size * window_size * 2 ** (len(depths) - 1)} px")
+            stages.append(SwinStage(embed_dim * 2 ** i, depth, num_heads[i], res, window_size,
+                                    downsample=i > 0, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])]))
+        self.layers = nn.ModuleList(stages)
+        self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
+        self.head = PoolHead(embed_dim * 2 ** (len(depths) - 1), num_classes)
+        init_weights(self)
+
+    def forward(self, x, token_labels=None):
+        """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
+
+        Returns logits (B, num_classes), and with token_labels the aligned label (B, K) float32:
+        the mean of the final tokens' labels, since the classifier reads the mean of their features.
+        """
+        x = self.patch_embed(x)  # (B, H, W, C)
+        B, H, W, _ = x.shape
+        labels = None if token_labels is None else token_labels.float().view(B, H, W, -1)
+        for stage in self.layers:
+            x, labels = stage(x, labels)
+        logits = self.head(self.norm(x))
+        return logits if token_labels is None else (logits, labels.mean(dim=(1, 2)))
