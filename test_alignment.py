@@ -13,8 +13,6 @@ import torch.nn.functional as F
 import tl_align as tl
 import vit
 
-torch.set_default_dtype(torch.float32)
-
 
 def tiny(name: str, **kw):
     """A small random model of either family; Swin has shifted windows in stages 0 and 1, merging twice."""
@@ -152,6 +150,8 @@ def test_swin_label_equals_dense_block_diagonal_loop():
             cols = idx[:, None, :].expand(nW, n, n)
             for b in range(B):
                 dense[b, rows, cols] = attn[b * nW:(b + 1) * nW]
+            if blk.shift:  # pairs that the shift only made neighbours get no attention
+                assert attn.view(B, nW, n, n)[:, blk.attn_mask < 0].max() < 1e-30
             assert torch.allclose(dense.sum(-1), torch.ones(B, R * R, dtype=torch.double), atol=1e-5)
             Y = (Y + dense @ Y) / 2
             shifted += blk.shift > 0
@@ -219,7 +219,7 @@ def test_vit_transmix_attention_is_last_class_token_row():
     model = tiny("vit").eval()
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        logits, cls_attn = model(torch.randn(2, 3, 32, 32), return_cls_attn=True)
+        _, cls_attn = model(torch.randn(2, 3, 32, 32), return_cls_attn=True)
     for h in handles:
         h.remove()
     assert torch.equal(cls_attn, maps[-1][:, :, 0, 1:].mean(1))
@@ -365,7 +365,9 @@ def test_parameter_names_shapes_and_counts_match_timm(name):
     lines = "\n".join(f"{k} {tuple(v.shape)}" for k, v in sorted(sd.items()))
     count, digest = TIMM[name]
     assert sum(p.numel() for p in model.parameters()) == count
-    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest, lines[:2000]
+    assert hashlib.sha256(lines.encode()).hexdigest()[:16] == digest, (
+        f"{name}'s state dict no longer matches timm's names and shapes (timm 1.0.31: {len(sd)} entries "
+        f"hash to {digest}); ours:\n{lines}")
 
 
 def test_image_size_changes_grid_and_bad_sizes_are_refused():
@@ -383,3 +385,99 @@ def test_image_size_changes_grid_and_bad_sizes_are_refused():
     swin = vit.create_model("swin_mini", num_classes=3, img_size=16)
     assert [(b.ws, b.shift) for s in swin.layers for b in s.blocks] == [(4, 0), (4, 2), (4, 0), (4, 0), (2, 0), (2, 0)]
     assert swin(torch.randn(2, 3, 16, 16)).shape == (2, 3)
+
+
+def test_vit_forward_equals_functional_reference():
+    """The whole ViT forward written again with torch.nn.functional and SDPA, on the model's parameters."""
+    torch.manual_seed(11)
+    model = tiny("vit").eval()
+    P = dict(model.named_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    t = F.conv2d(x, P["patch_embed.proj.weight"], P["patch_embed.proj.bias"], stride=4)  # (B, D, 8, 8)
+    t = t.flatten(2).transpose(1, 2)  # (B, 64, D)
+    t = torch.cat([P["cls_token"].expand(2, -1, -1), t], 1) + P["pos_embed"]
+    D, h = t.shape[-1], 4
+    for i in range(len(model.blocks)):
+        pre = f"blocks.{i}."
+        u = F.layer_norm(t, (D,), P[pre + "norm1.weight"], P[pre + "norm1.bias"], eps=1e-6)
+        q, k, v = F.linear(u, P[pre + "attn.qkv.weight"], P[pre + "attn.qkv.bias"]).chunk(3, dim=-1)
+        q, k, v = (z.unflatten(-1, (h, D // h)).transpose(1, 2) for z in (q, k, v))  # (B, h, N, d)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        t = t + F.linear(a, P[pre + "attn.proj.weight"], P[pre + "attn.proj.bias"])
+        u = F.layer_norm(t, (D,), P[pre + "norm2.weight"], P[pre + "norm2.bias"], eps=1e-6)
+        u = F.linear(F.gelu(F.linear(u, P[pre + "mlp.fc1.weight"], P[pre + "mlp.fc1.bias"])),
+                     P[pre + "mlp.fc2.weight"], P[pre + "mlp.fc2.bias"])
+        t = t + u
+    t = F.layer_norm(t[:, 0], (D,), P["norm.weight"], P["norm.bias"], eps=1e-6)
+    expected = F.linear(t, P["head.weight"], P["head.bias"])
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_window_attention_equals_sdpa_with_bias():
+    torch.manual_seed(12)
+    attn = vit.Attention(32, 4)
+    x, bias = torch.randn(6, 16, 32), torch.randn(3, 4, 16, 16)  # 2 images x 3 windows
+    out, weights = attn(x, bias)
+    q, k, v = attn.qkv(x).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
+    full_bias = bias.repeat(2, 1, 1, 1)  # (6, 4, 16, 16): window w of image b is batch entry 3b + w
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias).transpose(1, 2).flatten(2)
+    assert torch.allclose(out, attn.proj(ref), atol=1e-5)
+    assert torch.allclose(weights, ((q @ k.transpose(-1, -2)) / 8 ** 0.5 + full_bias).softmax(-1), atol=1e-6)
+
+
+def test_relative_position_index_by_hand():
+    # 3x3 window; offsets query - key (dr, dc) in -2..2 index the table at (dr + 2) * 5 + (dc + 2)
+    idx = vit.relative_position_index(3)
+    assert idx[0, 0] == 12 and idx[0, 5] == (0 - 1 + 2) * 5 + (0 - 2 + 2) and idx[8, 0] == 24
+    assert idx[4].tolist() == [18, 17, 16, 13, 12, 11, 8, 7, 6]  # the centre sees every offset 1..-1
+
+
+@pytest.mark.parametrize("R, ws, shift", [(8, 4, 2), (14, 7, 3), (16, 4, 2)])
+def test_shift_mask_allows_exactly_true_neighbours(R, ws, shift):
+    """Inside a shifted window two tokens may attend iff they are also neighbours without the roll."""
+    mask = vit.shift_mask(R, R, ws, shift)  # (nW, n, n)
+    idx = window_token_index(R, ws, shift)  # (nW, n) token ids in the unshifted map
+    r, c = idx // R, idx % R
+    # a cyclic shift brings tokens from the far side: their true distance is >= R - ws
+    near = ((r[:, :, None] - r[:, None, :]).abs() < ws) & ((c[:, :, None] - c[:, None, :]).abs() < ws)
+    assert torch.equal(mask == 0, near)
+
+
+def test_layer_norm_eps_as_the_checkpoints_expect():
+    def eps(model):
+        return {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert eps(tiny("vit")) == {1e-6} and eps(tiny("swin")) == {1e-5}
+
+
+def test_cutmix_box_has_the_cutmix_size():
+    """An unclipped box has sides 2 * (int(H * sqrt(1 - lam)) // 2), CutMix's rule (Yun et al. 2019)."""
+    torch.manual_seed(13)
+    x = torch.arange(2.0).view(2, 1, 1, 1).expand(2, 1, 32, 32)
+    sizes = set()
+    for _ in range(200):
+        xm, _, _ = tl.cutmix(x, 4, mode="pixel", lam=0.75)  # sqrt(0.25) * 32 = 16
+        box = xm[0, 0] == 1
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        if len(rows) and rows.min() > 0 and rows.max() < 31 and cols.min() > 0 and cols.max() < 31:
+            sizes.add((len(rows), len(cols)))
+    assert sizes == {(16, 16)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_models_run_in_other_dtypes(family, dtype):
+    model = tiny(family).to(dtype)
+    xm, w, _ = tl.cutmix(torch.randn(2, 3, 32, 32, dtype=dtype), patch_size(model))
+    with torch.no_grad():
+        logits, label = model(xm, w)
+    assert logits.dtype == dtype and label.dtype == torch.float32
+    assert (label.sum(-1) - 1).abs().max() < 1e-5
+
+
+def test_wrong_token_labels_and_alpha_are_refused():
+    model = tiny("vit")
+    with pytest.raises(ValueError, match=r"\(2, 64, K\)"):
+        model(torch.randn(2, 3, 32, 32), torch.rand(2, 63, 2))
+    with pytest.raises(ValueError, match="alpha > 0"):
+        tl.cutmix(torch.randn(2, 3, 32, 32), 4, alpha=0.0)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 def _sample_lambda(alpha: float) -> float:
     """lam ~ Beta(alpha, alpha), drawn from torch's global generator (seeded by the caller)."""
+    if alpha <= 0:
+        raise ValueError(f"the Beta(alpha, alpha) of CutMix / Mixup needs alpha > 0, got {alpha}")
     return float(torch.distributions.Beta(alpha, alpha).sample())
 
 
@@ -57,7 +59,8 @@ def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "gr
     In both modes lam is recomputed from the clipped box, so it is exactly the pixel share of x
     and equals the mean of the token weights.
 
-    x: (B, C, H, W), H and W multiples of patch_size. `lam` given skips the Beta draw (tests).
+    x: (B, C, H, W), H and W multiples of patch_size; it is not modified (the box is pasted into a
+    copy). `lam` given skips the Beta draw.
     Returns x_mixed (B, C, H, W), token_weights (B, N, 2) float32 with N = (H/p)*(W/p) in row-major
     order of the patch grid ([..., 0] = share of x, [..., 1] = share of x.flip(0)), and lam (float).
     """
@@ -118,7 +121,8 @@ def transmix_lambda(cls_attn: torch.Tensor, token_weights: torch.Tensor, lam: fl
 
     a = the class token's attention to the N patch tokens in the last block (mean over heads, before
     dropout, detached), renormalised over the patches; lam_attn = sum_i a_i * w_i1, the attention mass
-    on image 1. TransMix's code trains with lam = (lam_area + lam_attn) / 2.
+    on image 1. TransMix's code trains with lam = (lam_area + lam_attn) / 2. With soft edge tokens
+    (CutMix mode 'pixel') w_i1 is the pixel share; TransMix's own code rounds every token to 0 or 1.
 
     cls_attn: (B, N) or (B, h, N); token_weights: (B, N, 2). Returns (B, 2) weights over the sources.
     """
@@ -131,7 +135,7 @@ def transmix_lambda(cls_attn: torch.Tensor, token_weights: torch.Tensor, lam: fl
     return torch.stack([lam_mix, 1 - lam_mix], dim=-1)
 
 
-def area_weights(lam: float, batch_size: int, device=None) -> torch.Tensor:
+def area_weights(lam: float, batch_size: int, device: torch.device) -> torch.Tensor:
     """The plain CutMix / Mixup label (paper Eq. (1): y~ = lam*y1 + (1-lam)*y2) as (B, 2) weights."""
     return torch.tensor([lam, 1.0 - lam], device=device).expand(batch_size, 2)
 

@@ -15,7 +15,7 @@ microsoft/Swin-Transformer: the layer layout, LayerNorm eps (1e-6 ViT, 1e-5 Swin
 mask, the order of the 2x2 concatenation in patch merging, the window/shift clamp for small maps.
 No code was copied.
 """
-import math
+import itertools
 
 import torch
 import torch.nn as nn
@@ -26,9 +26,9 @@ from tl_align import align_labels
 # name: architecture; img_size is the default input size (create_model may change it)
 PRESETS = {
     # ViT/DeiT, patch 16, 224 px, class token
-    "deit_t": dict(family="vit", img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),   # 5.72M
-    "deit_s": dict(family="vit", img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),   # 22.05M
-    "deit_b": dict(family="vit", img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),  # 86.57M
+    "deit_t": dict(family="vit", img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3),  # 5.72M
+    "deit_s": dict(family="vit", img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6),  # 22.05M
+    "deit_b": dict(family="vit", img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12),  # 86.6M
     # Swin, patch 4, window 7, 224 px
     "swin_t": dict(family="swin", img_size=224, patch_size=4, window_size=7, embed_dim=96,
                    depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),    # 28.29M
@@ -51,7 +51,8 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | None = None
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = {**PRESETS[name], **overrides}
     family = cfg.pop("family")
-    cfg["img_size"] = img_size or cfg["img_size"]
+    if img_size is not None:
+        cfg["img_size"] = img_size
     cls = VisionTransformer if family == "vit" else SwinTransformer
     return cls(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **cfg)
 
@@ -122,9 +123,17 @@ class Attention(nn.Module):
         logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
         if bias is not None:  # broadcast over leading groups of the batch, e.g. the images of a window batch
             logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
-        attn = logits.softmax(dim=-1, dtype=torch.float32)  # fp32 under autocast too, as CUDA autocast does
-        out = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        # at least fp32 under autocast (as CUDA autocast does): the label path reads these weights
+        attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
         return self.proj(out), attn
+
+
+def check_token_labels(token_labels, B: int, N: int):
+    """Token labels must be (B, N, K): one weight vector per patch token, row-major on the grid."""
+    if token_labels is not None and (token_labels.dim() != 3 or token_labels.shape[:2] != (B, N)):
+        raise ValueError(f"token_labels must be (batch, tokens, K) = ({B}, {N}, K) for this model and input, "
+                         f"got {tuple(token_labels.shape)}")
 
 
 def init_weights(module: nn.Module):
@@ -190,6 +199,7 @@ class VisionTransformer(nn.Module):
         """
         x = self.patch_embed(x).flatten(1, 2)  # (B, N, D)
         B = x.shape[0]
+        check_token_labels(token_labels, B, self.num_patches)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
         labels = None
         if token_labels is not None:
@@ -234,8 +244,8 @@ def shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
     """(nW, ws*ws, ws*ws) additive mask: -100 between tokens that the cyclic shift made neighbours."""
     region = torch.zeros(1, H, W, 1)
     cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    for i, (hs, wsl) in enumerate((hs, wsl) for hs in cuts for wsl in cuts):
-        region[:, hs, wsl] = i
+    for i, (rows, cols) in enumerate(itertools.product(cuts, cuts)):
+        region[:, rows, cols] = i
     region = window_partition(region, ws).squeeze(-1)  # (nW, ws*ws)
     same = region[:, :, None] == region[:, None, :]
     return torch.zeros(same.shape).masked_fill_(~same, -100.0)
@@ -319,6 +329,7 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x, labels=None):
+        """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x (B, H/2, W/2, 2C), labels."""
         B, H, W, C = x.shape
         # channel order x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], as the checkpoints expect
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
@@ -392,6 +403,7 @@ class SwinTransformer(nn.Module):
         """
         x = self.patch_embed(x)  # (B, H, W, C)
         B, H, W, _ = x.shape
+        check_token_labels(token_labels, B, self.num_patches)
         labels = None if token_labels is None else token_labels.float().view(B, H, W, -1)
         for stage in self.layers:
             x, labels = stage(x, labels)
