@@ -1,0 +1,381 @@
+"""Tests of data.py: the file formats written byte by byte into tmp_path, the real Fashion-MNIST files,
+the synthetic set, augmentation against a slicing reference, sharding, and every DataError path."""
+import gzip
+import io
+import os
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data import (DATASETS, DataError, Loader, TensorData, load_imagenet, load_small, make_synthetic,
+                  normalize, random_crop_flip)
+
+def assert_data_error(call, path):
+    """call() raises a DataError whose message is one line naming path."""
+    with pytest.raises(DataError) as error:
+        call()
+    message = str(error.value)
+    assert '\n' not in message and str(path) in message, message
+
+
+# ----------------------------------------------------------------------------------------------------
+# IDX (MNIST, Fashion-MNIST)
+
+def write_idx(file, array, magic=None):
+    """A gzipped IDX file: int32 big-endian magic (0x08 = uint8, then the number of dims), dims, data."""
+    array = np.asarray(array, np.uint8)
+    magic = 0x0800 + array.ndim if magic is None else magic
+    with gzip.open(file, 'wb') as f:
+        f.write(struct.pack('>i', magic) + struct.pack(f'>{array.ndim}i', *array.shape) + array.tobytes())
+
+
+# image i: all zero but for one pixel (row, col) = value; 25 sits on the mask threshold, 26 just above
+PIXELS = [(0, 0, 25), (0, 27, 26), (27, 0, 255), (27, 27, 100), (5, 9, 1), (13, 2, 180), (20, 14, 77)]
+LABELS = [3, 1, 4, 1, 5, 9, 2]
+
+
+def write_tiny_mnist(folder):
+    images = np.zeros((len(PIXELS), 28, 28), np.uint8)
+    for i, (r, c, value) in enumerate(PIXELS):
+        images[i, r, c] = value
+    write_idx(folder / 'train-images-idx3-ubyte.gz', images)
+    write_idx(folder / 'train-labels-idx1-ubyte.gz', LABELS)
+    return images
+
+
+def test_idx_pixels_move_by_two_and_mask_thresholds(tmp_path):
+    write_tiny_mnist(tmp_path)
+    data = load_small('mnist', str(tmp_path), train=True)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (7, 1, 32, 32)
+    assert data.labels.tolist() == LABELS and data.labels.dtype == torch.int64
+    for i, (r, c, value) in enumerate(PIXELS):
+        assert data.images[i, 0, r + 2, c + 2] == value
+        assert data.images[i].sum() == value  # nothing else, the 2 px border included
+        assert data.masks[i].sum() == (value > 25) and data.masks[i, r + 2, c + 2] == (value > 25)
+    assert load_small('mnist', str(tmp_path), train=True, subset=3).labels.tolist() == LABELS[:3]
+
+
+def test_real_fashion_mnist():
+    for train, n in ((True, 60_000), (False, 10_000)):
+        data = load_small('fashion_mnist', None, train)  # default path: Debian's dataset-fashion-mnist
+        assert data.images.shape == (n, 1, 32, 32)
+        assert torch.bincount(data.labels).tolist() == [n // 10] * 10
+        assert data.images[:, :, :2].max() == 0 and data.images[:, :, :, -2:].max() == 0
+        assert torch.equal(data.masks, data.images[:, 0] > 25)
+        if train:  # the table's mean / std are those of the padded training images
+            x = data.images.double() / 255
+            assert abs(x.mean() - DATASETS['fashion_mnist']['mean'][0]) < 1e-3
+            assert abs(x.std() - DATASETS['fashion_mnist']['std'][0]) < 1e-3
+
+
+def test_idx_errors(tmp_path):
+    assert_data_error(lambda: load_small('fashion_mnist', str(tmp_path / 'nope'), True), tmp_path / 'nope')
+    image_file = tmp_path / 'train-images-idx3-ubyte.gz'
+    assert_data_error(lambda: load_small('mnist', str(tmp_path), True), image_file)
+    images = write_tiny_mnist(tmp_path)
+    test_file = tmp_path / 't10k-images-idx3-ubyte.gz'
+    assert_data_error(lambda: load_small('mnist', str(tmp_path), False), test_file)
+
+    def check_broken(write):
+        write()
+        assert_data_error(lambda: load_small('mnist', str(tmp_path), True), image_file)
+        write_tiny_mnist(tmp_path)
+        assert len(load_small('mnist', str(tmp_path), True)) == 7  # repaired: loads again
+
+    check_broken(lambda: write_idx(image_file, images, magic=2049))  # a labels magic on the images
+    header = struct.pack('>4i', 2051, 7, 28, 28)  # says 7 images
+    check_broken(lambda: image_file.write_bytes(gzip.compress(header + images[:6].tobytes())))
+    check_broken(lambda: image_file.write_bytes(gzip.compress(header + images.tobytes() + bytes(784))))
+    complete = image_file.read_bytes()
+    check_broken(lambda: image_file.write_bytes(complete[:len(complete) // 2]))  # gzip stream cut short
+    check_broken(lambda: image_file.write_bytes(b'not a gzip file at all'))
+    check_broken(lambda: write_idx(image_file, images[:6]))  # 6 images, 7 labels
+    check_broken(lambda: write_idx(image_file, np.zeros((7, 30, 30))))  # not 28x28
+
+
+# ----------------------------------------------------------------------------------------------------
+# CIFAR: Python 2 pickles, as the real files are
+
+class Py2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 str (opcodes U / T), as cPickle wrote the CIFAR files: such strings load
+    as bytes only with encoding='bytes' (the default ASCII decoding fails on pixel values > 127)."""
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        n = len(obj)
+        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else
+                   pickle.BINSTRING + struct.pack('<i', n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+def write_cifar_batch(file, rows, labels, label_key=b'labels', extra=None):
+    buffer = io.BytesIO()
+    batch = {b'batch_label': b'testing batch', label_key: list(labels), b'data': np.asarray(rows, np.uint8),
+             b'filenames': [b'img_%d.png' % i for i in range(len(labels))], **(extra or {})}
+    Py2Pickler(buffer, protocol=2).dump(batch)
+    # the real files name numpy.core.multiarray._reconstruct, as the numpy that wrote them did
+    file.write_bytes(buffer.getvalue().replace(b'numpy._core.multiarray', b'numpy.core.multiarray'))
+
+
+def cifar_row(r, g, b, special=None):
+    """One 3072-byte row: flat R, G, B planes; special = (channel, y, x, value) set at 1024 c + 32 y + x."""
+    row = np.repeat(np.array([r, g, b], np.uint8), 1024)
+    if special:
+        c, y, x, value = special
+        row[1024 * c + 32 * y + x] = value
+    return row
+
+
+def test_cifar10_unpacks_chw_and_accepts_both_paths(tmp_path):
+    root = tmp_path / 'cifar-10-batches-py'
+    root.mkdir()
+    for i in range(1, 6):  # two samples a batch; the first of batch 1 has G(y=1, x=2) = 200
+        rows = [cifar_row(130, 20, 30 + i, special=(1, 1, 2, 200) if i == 1 else None), cifar_row(i, i, i)]
+        write_cifar_batch(root / f'data_batch_{i}', rows, labels=[i, 9 - i])
+    write_cifar_batch(root / 'test_batch', [cifar_row(7, 8, 9)], labels=[6])
+    data = load_small('cifar10', str(tmp_path), train=True)
+    assert data.labels.tolist() == [1, 8, 2, 7, 3, 6, 4, 5, 5, 4] and data.masks is None
+    image = data.images[0]  # (3, 32, 32)
+    assert image[1, 1, 2] == 200 and image[1, 2, 1] == 20  # row-major: y = 1, x = 2, not transposed
+    assert (image[0] == 130).all() and (image[2] == 31).all() and (image[1] == 20).sum() == 1023
+    assert (data.images[9] == 5).all()
+    inside = load_small('cifar10', str(root), train=True)
+    assert torch.equal(inside.images, data.images) and torch.equal(inside.labels, data.labels)
+    test = load_small('cifar10', str(root), train=False)
+    assert test.labels.tolist() == [6] and test.images[0, :, 5, 5].tolist() == [7, 8, 9]
+
+
+def test_cifar100_uses_fine_labels(tmp_path):
+    root = tmp_path / 'cifar-100-python'
+    root.mkdir()
+    write_cifar_batch(root / 'train', [cifar_row(0, 128, 255), cifar_row(1, 2, 3)], labels=[99, 42],
+                      label_key=b'fine_labels', extra={b'coarse_labels': [19, 3]})
+    write_cifar_batch(root / 'test', [cifar_row(4, 5, 6)], labels=[0], label_key=b'fine_labels',
+                      extra={b'coarse_labels': [7]})
+    for path in (tmp_path, root):
+        data = load_small('cifar100', str(path), train=True)
+        assert data.labels.tolist() == [99, 42] and data.images[0, :, 31, 31].tolist() == [0, 128, 255]
+    assert load_small('cifar100', str(tmp_path), train=False).labels.tolist() == [0]
+
+
+def test_cifar_errors(tmp_path):
+    root = tmp_path / 'cifar-10-batches-py'
+    assert_data_error(lambda: load_small('cifar10', str(tmp_path / 'nope'), True), tmp_path / 'nope')
+    assert_data_error(lambda: load_small('cifar10', str(tmp_path), True), root / 'data_batch_1')
+    assert_data_error(lambda: load_small('cifar100', str(tmp_path), False), tmp_path / 'cifar-100-python')
+    root.mkdir()
+    for i in (1, 2, 4, 5):
+        write_cifar_batch(root / f'data_batch_{i}', [cifar_row(1, 2, 3)], labels=[0])
+    assert_data_error(lambda: load_small('cifar10', str(tmp_path), True), root / 'data_batch_3')
+    (root / 'data_batch_3').write_bytes(b'\x80\x02}q\x00(U\x04data')  # a pickle cut short
+    assert_data_error(lambda: load_small('cifar10', str(root), True), root / 'data_batch_3')
+    write_cifar_batch(root / 'data_batch_3', [cifar_row(1, 2, 3)], labels=[0], label_key=b'fine_labels')
+    assert_data_error(lambda: load_small('cifar10', str(root), True), root / 'data_batch_3')
+    write_cifar_batch(root / 'data_batch_3', [cifar_row(1, 2, 3)], labels=[10])  # CIFAR-10 has 0..9
+    assert_data_error(lambda: load_small('cifar10', str(root), True), root)
+    write_cifar_batch(root / 'data_batch_3', [cifar_row(1, 2, 3)], labels=[9])
+    assert load_small('cifar10', str(root), True).labels.tolist() == [0, 0, 9, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ImageNet (ImageFolder)
+
+def write_jpeg(file, pixels):
+    from PIL import Image
+    file.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(pixels, np.uint8)).save(file, 'JPEG', quality=95)
+
+
+def write_tiny_imagenet(root):
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 2), ('val', 1)):
+        for i in range(n):
+            write_jpeg(root / split / 'n01' / f'a{i}.JPEG', rng.integers(0, 256, (40, 48, 3)))
+            write_jpeg(root / split / 'n02' / f'b{i}.JPEG', np.full((40, 48, 3), (200, 40, 90)))
+
+
+def test_imagenet_transforms_and_classes(tmp_path):
+    write_tiny_imagenet(tmp_path)
+    val = load_imagenet(str(tmp_path), train=False, img_size=32)
+    assert val.classes == ['n01', 'n02']
+    image, target = val[1]  # the flat-coloured n02 image: resize and crop keep the colour
+    mean, std = torch.tensor(DATASETS['imagenet']['mean']), torch.tensor(DATASETS['imagenet']['std'])
+    expected = (torch.tensor([200, 40, 90]) / 255 - mean) / std
+    assert target == 1 and image.shape == (3, 32, 32)
+    assert torch.allclose(image.mean((1, 2)), expected, atol=0.05) and image.std((1, 2)).max() < 0.05
+    train = load_imagenet(str(tmp_path), train=True, img_size=32)
+    torch.manual_seed(0)  # torchvision's transforms draw from the global generator
+    (a, target_a), (b, _) = train[0], train[0]
+    assert target_a == 0 and a.shape == (3, 32, 32) and not torch.equal(a, b)  # random crops of a noise image
+
+
+def test_imagenet_layout_errors(tmp_path):
+    assert_data_error(lambda: load_imagenet(str(tmp_path / 'nope'), True), tmp_path / 'nope')
+    write_tiny_imagenet(tmp_path)
+    os.rename(tmp_path / 'val', tmp_path / 'v')
+    assert_data_error(lambda: load_imagenet(str(tmp_path), True), tmp_path / 'val')
+    os.rename(tmp_path / 'v', tmp_path / 'val')
+    os.rename(tmp_path / 'train', tmp_path / 't')
+    assert_data_error(lambda: load_imagenet(str(tmp_path), False), tmp_path / 'train')
+    os.rename(tmp_path / 't', tmp_path / 'train')
+    (tmp_path / 'val' / 'n03').mkdir()  # an empty class folder
+    assert_data_error(lambda: load_imagenet(str(tmp_path), False), tmp_path / 'val' / 'n03')
+    write_jpeg(tmp_path / 'val' / 'n03' / 'c.JPEG', np.zeros((8, 8, 3)))  # val has a class train lacks
+    with pytest.raises(DataError, match='differing in n03'):
+        load_imagenet(str(tmp_path), False)
+    for folder in ('n01', 'n02', 'n03'):  # val as distributed: loose images, no class folders
+        for file in (tmp_path / 'val' / folder).iterdir():
+            os.rename(file, tmp_path / 'val' / f'{folder}_{file.name}')
+        (tmp_path / 'val' / folder).rmdir()
+    with pytest.raises(DataError, match='loose images'):
+        load_imagenet(str(tmp_path), True)
+    assert_data_error(lambda: load_imagenet(str(tmp_path), True), tmp_path / 'val')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+def test_synthetic_is_deterministic_and_a_prefix_of_its_stream():
+    images, labels, masks = make_synthetic(1200, seed=0, train=True)
+    again = make_synthetic(1200, seed=0, train=True)
+    assert all(np.array_equal(x, y) for x, y in zip((images, labels, masks), again))
+    assert (make_synthetic(1200, seed=1, train=True)[0] != images).mean() > 0.9
+    assert (make_synthetic(1200, seed=0, train=False)[0] != images).mean() > 0.9
+    short = load_small('synthetic', None, True, subset=300)  # the first 300 of the same stream
+    assert np.array_equal(short.images.numpy(), images[:300])
+    assert np.array_equal(short.masks.numpy(), masks[:300])
+    assert short.images.shape == (300, 3, 32, 32) and short.images.dtype == torch.uint8
+
+
+def test_synthetic_balance_scale_contrast_and_statistics():
+    images, labels, masks = make_synthetic(2000)
+    assert np.bincount(labels).tolist() == [200] * 10
+    assert masks.any((1, 2)).all()
+    rows, cols = masks.any(2), masks.any(1)  # (n, 32) each
+    extent = np.maximum(rows.sum(1), cols.sum(1))  # bounding box side, px
+    assert extent.min() >= 0.3 * 32 - 2 and extent.max() <= 0.8 * 32 + 1
+    assert extent.min() < 12 and extent.max() > 24  # the scale range is used
+    inside = (images * masks[:, None]).sum((2, 3)) / masks.sum((1, 2))[:, None]  # (n, 3) mean colour
+    outside = (images * ~masks[:, None]).sum((2, 3)) / (~masks).sum((1, 2))[:, None]
+    assert np.abs(inside - outside).max(1).min() > 15  # the object stands out of its background
+    x = images / 255
+    assert np.allclose(x.mean((0, 2, 3)), DATASETS['synthetic']['mean'], atol=0.01)
+    assert np.allclose(x.std((0, 2, 3)), DATASETS['synthetic']['std'], atol=0.01)
+
+
+def test_synthetic_classes_have_distinct_shapes():
+    _, labels, masks = make_synthetic(2000, seed=3)
+
+    def signature(mask):  # (32, 32) bool -> (144,): the mask cut to its bounding box, resized to 12x12
+        ys, xs = np.nonzero(mask)
+        box = torch.tensor(mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1], dtype=torch.float32)
+        return F.adaptive_avg_pool2d(F.interpolate(box[None, None], size=24), 12).flatten()
+
+    signatures = torch.stack([signature(m) for m in masks])  # (n, 144)
+    fit, held_out = slice(0, 1000), slice(1000, 2000)
+    templates = torch.stack([signatures[fit][labels[fit] == k].mean(0) for k in range(10)])  # (10, 144)
+    distances = torch.cdist(templates, templates) + torch.eye(10) * 1e9
+    assert distances.min() > 1.0  # no two classes share a shape
+    predicted = torch.cdist(signatures[held_out], templates).argmin(1)
+    assert (predicted.numpy() == labels[held_out]).mean() > 0.9  # the mask alone tells the class
+
+
+# ----------------------------------------------------------------------------------------------------
+# Augmentation and the loader
+
+def shifted(image, dy, dx, flip, padding=4):
+    """Reference by slicing: (C, H, W) zero-padded by `padding`, cut at (dy, dx), then flipped or not."""
+    C, H, W = image.shape
+    padded = torch.zeros(C, H + 2 * padding, W + 2 * padding, dtype=image.dtype)
+    padded[:, padding:padding + H, padding:padding + W] = image
+    crop = padded[:, dy:dy + H, dx:dx + W]
+    return crop.flip(-1) if flip else crop
+
+
+def matching_shifts(image, out):
+    return [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
+            if torch.equal(shifted(image, dy, dx, f), out)]
+
+
+def test_crop_flip_equals_slicing_reference():
+    images = torch.randint(0, 256, (64, 3, 10, 12), generator=torch.Generator().manual_seed(0)).byte()
+    out = random_crop_flip(images, torch.Generator().manual_seed(1))
+    assert torch.equal(out, random_crop_flip(images, torch.Generator().manual_seed(1)))
+    found = [matching_shifts(image, o) for image, o in zip(images, out)]
+    assert all(len(m) == 1 for m in found)  # every output is exactly one shift (+ flip) of its input
+    shifts = [m[0] for m in found]
+    assert len({s[:2] for s in shifts}) > 30 and 10 < sum(s[2] for s in shifts) < 54
+    assert torch.equal(random_crop_flip(images, torch.Generator(), padding=0, flip=False), images)
+    flipped = random_crop_flip(images, torch.Generator().manual_seed(2), padding=0)
+    assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(flipped, images))
+
+
+def test_normalize_per_channel():
+    x = normalize(torch.full((2, 3, 4, 4), 51, dtype=torch.uint8), mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.25))
+    assert torch.allclose(x[1, :, 2, 3], torch.tensor([0.2, 0.0, -0.4]), atol=1e-6)
+
+
+def id_data(name, n, channels=1):
+    """n random images whose labels are their indices, to follow samples through the loader."""
+    images = torch.randint(0, 256, (n, channels, 32, 32), generator=torch.Generator().manual_seed(n)).byte()
+    return TensorData(name, images, torch.arange(n), None)
+
+
+def unnormalize(x, name):
+    mean = torch.tensor(DATASETS[name]['mean']).view(-1, 1, 1)
+    std = torch.tensor(DATASETS[name]['std']).view(-1, 1, 1)
+    return ((x * std + mean) * 255).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize('name, flips', [('mnist', False), ('fashion_mnist', True)])
+def test_loader_augments_and_flips_only_where_valid(name, flips):
+    data = id_data(name, 40)
+    shifts = []
+    for x, ids in Loader(data, batch_size=16, shuffle=True, augment=True):
+        for image, i in zip(unnormalize(x, name), ids):
+            shifts += matching_shifts(data.images[i], image)
+    assert len(shifts) == 40 and len({s[:2] for s in shifts}) > 10
+    assert any(s[2] for s in shifts) == flips
+
+
+@pytest.mark.parametrize('n', [10, 11])
+def test_loader_shards_are_disjoint_and_cover_the_data(n):
+    data = id_data('synthetic', n, channels=3)
+    shards = []
+    for rank in (0, 1):
+        loader = Loader(data, batch_size=4, shuffle=True, rank=rank, world_size=2, seed=5)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 2
+        for x, ids in batches:  # images travel with their labels
+            assert torch.equal(unnormalize(x, 'synthetic'), data.images[ids])
+        shards.append(torch.cat([ids for _, ids in batches]).tolist())
+    assert len(shards[0]) == len(shards[1]) == 5 + (n == 11)
+    assert sorted(set(shards[0] + shards[1])) == list(range(n))
+    assert len(set(shards[0]) & set(shards[1])) == (n == 11)  # one sample wraps around to fill the odd slot
+
+
+def test_loader_epochs_are_reproducible_and_batches_drop():
+    data = id_data('synthetic', 10, channels=3)
+
+    def run(loader, epoch):
+        loader.set_epoch(epoch)
+        return [(x, ids) for x, ids in loader]
+
+    loader = Loader(data, batch_size=4, shuffle=True, augment=True, drop_last=True, seed=7)
+    first, again, second = run(loader, 0), run(loader, 0), run(loader, 1)
+    assert [ids.tolist() for _, ids in first] == [ids.tolist() for _, ids in again]
+    assert [ids.tolist() for _, ids in first] != [ids.tolist() for _, ids in second]
+    resumed = run(Loader(data, batch_size=4, shuffle=True, augment=True, drop_last=True, seed=7), 1)
+    assert all(torch.equal(a, b) and torch.equal(i, j) for (a, i), (b, j) in zip(second, resumed))
+    assert [len(ids) for _, ids in first] == [4, 4]  # drop_last: the last 2 samples wait for the next epoch
+    fixed_order = Loader(data, batch_size=10, augment=True)  # the crops and flips change with the epoch too
+    assert not torch.equal(run(fixed_order, 0)[0][0], run(fixed_order, 1)[0][0])
+    in_order = Loader(data, batch_size=4)
+    assert len(in_order) == 3
+    assert [ids.tolist() for _, ids in in_order] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
