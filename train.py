@@ -1,0 +1,399 @@
+"""Train a ViT or Swin with CutMix and TL-Align (or a baseline target), on a laptop CPU or a GPU node.
+
+    python train.py                                            # vit_mini on the built-in synthetic set
+    python train.py --data fashion_mnist --epochs 10
+    torchrun --nproc_per_node=8 train.py --data imagenet --data-path /imagenet --model deit_s
+
+One loop for every device: CUDA with bf16 autocast when present, the CPU otherwise; DDP when launched
+by torchrun (NCCL on GPUs, gloo on CPUs). Recipes: DeiT (Touvron et al. 2021) and Swin (Liu et al.
+2021) as PAPER.md states them, with TL-Align's CutMix-only mixing; small recipes for 32 px data.
+
+The target of a CutMix batch is chosen by --target (paper Sec. 3): `tl_align`, the class token's aligned
+label; `area`, CutMix's lam (paper Eq. (1)); `transmix`, TransMix's attention lam. Mixup batches always
+use the area target, which is exact for them (tl_align.mixup).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data
+import tl_align as tl
+import vit
+
+# Per data set: the model, schedule and regularisation that make `python train.py --data X` right.
+# lr is the rate for a global batch of lr_batch and scales linearly with the batch actually used.
+RECIPES = {
+    "synthetic":     dict(model="vit_mini", epochs=3, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=0.5,
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix"),
+    "fashion_mnist": dict(model="vit_mini", epochs=10, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=1,
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
+    "cifar10":       dict(model="vit_mini", epochs=100, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=5,
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
+    # DeiT: AdamW 5e-4 x batch/512, wd 0.05, 300 epochs, 5 warm-up, smoothing 0.1, drop path 0.1
+    "imagenet":      dict(model="deit_s", epochs=300, batch_size=128, lr=5e-4, lr_batch=512, warmup_epochs=5,
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
+}
+RECIPES["mnist"] = RECIPES["fashion_mnist"]
+RECIPES["cifar100"] = RECIPES["cifar10"]
+# Swin on ImageNet: 1e-3 x batch/1024, 20 warm-up epochs, clipping 5, drop path by size
+SWIN_IMAGENET = dict(lr=1e-3, lr_batch=1024, warmup_epochs=20, clip_grad=5.0)
+SWIN_DROP_PATH = {"swin_t": 0.2, "swin_s": 0.3, "swin_b": 0.5}
+
+
+class UserError(Exception):
+    """A problem the user can fix; main() prints its one-line message and exits with code 2."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="synthetic", choices=list(data.DATASETS))
+    p.add_argument("--data-path", default=None, help="data directory (default: the data set's own)")
+    p.add_argument("--model", default=None, choices=list(vit.PRESETS), help="default: the data set's recipe")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--lr", type=float, default=None, help="default: the recipe's, scaled to the global batch")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--warmup-epochs", type=float, default=None)
+    p.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (default: the recipe's)")
+    p.add_argument("--mix", default=None, choices=["cutmix", "mixup", "both", "none"],
+                   help="both: CutMix or Mixup with probability 1/2 per batch (DeiT's switch)")
+    p.add_argument("--target", default="tl_align", choices=["tl_align", "area", "transmix"])
+    p.add_argument("--cutmix-mode", default="grid", choices=["grid", "pixel"])
+    p.add_argument("--cutmix-alpha", type=float, default=1.0)
+    p.add_argument("--mixup-alpha", type=float, default=0.8)
+    p.add_argument("--smoothing", type=float, default=None)
+    p.add_argument("--drop-path", type=float, default=None)
+    p.add_argument("--subset", type=int, default=None, help="train on the first N training samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast; auto = bf16 on CUDA, off on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--workers", type=int, default=8, help="ImageNet loader processes per GPU")
+    p.add_argument("--output-dir", default="runs/default")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
+    p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    args = p.parse_args(argv)
+    recipe = dict(RECIPES[args.data])
+    args.model = args.model or recipe["model"]
+    if args.data == "imagenet" and args.model.startswith("swin"):
+        recipe.update(SWIN_IMAGENET, drop_path=SWIN_DROP_PATH.get(args.model, 0.2))
+    for key in ("epochs", "batch_size", "weight_decay", "warmup_epochs", "clip_grad", "mix", "smoothing",
+                "drop_path"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+    args.lr_recipe = (recipe["lr"], recipe["lr_batch"])
+    if args.target == "transmix" and not args.model.startswith(("deit", "vit")):
+        p.error("--target transmix needs a class-token model (deit_*, vit_mini): TransMix is defined on the "
+                "class token's attention")
+    return args
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def setup_distributed(args):
+    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.device is None:
+        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_data(args, rank, world):
+    """Train and val loaders, the val set itself (for label accuracy) and the data set's facts."""
+    info = data.DATASETS[args.data]
+    if args.data == "imagenet":
+        if args.data_path is None:
+            raise UserError("--data imagenet needs --data-path DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG)")
+        train_set = data.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
+        val_set = data.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
+        if args.subset:
+            train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
+        sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
+                                                      drop_last=True)
+        kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=True,
+                  persistent_workers=args.workers > 0)
+        train = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True, **kw)
+        # validation: each rank a disjoint stride of the set, no padding, so that gathered counts are exact
+        val = torch.utils.data.DataLoader(val_set, sampler=range(rank, len(val_set), world), **kw)
+        return train, val, None, info
+    # the synthetic set is the same for every --seed: seeds vary the training, not the data
+    train_set = data.load_small(args.data, args.data_path, train=True, subset=args.subset, seed=0)
+    val_set = data.load_small(args.data, args.data_path, train=False, seed=0)
+    train = data.Loader(train_set, args.batch_size, shuffle=True, augment=True, drop_last=True, rank=rank,
+                        world_size=world, seed=args.seed)
+    shard = replace(val_set, images=val_set.images[rank::world], labels=val_set.labels[rank::world],
+                    masks=None)
+    val = data.Loader(shard, 256)
+    return train, val, val_set, info
+
+
+def param_groups(model, weight_decay):
+    """No weight decay on norms, biases, the class token and the position tables (DeiT/Swin practice)."""
+    no_decay = ("cls_token", "pos_embed", "relative_position_bias_table")
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (rest if p.ndim <= 1 or name.endswith(no_decay) else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
+
+
+def cosine_with_warmup(step, warmup_steps, total_steps):
+    """lr factor: linear warm-up from 0, then cosine decay to 0, per step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint written by this script, loaded without running code from the file (weights_only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}; give the path of a checkpoint.pt written by train.py")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not from "
+                        f"train.py: use another checkpoint or start without --resume") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"checkpoint {path} holds no 'model' entry; it was not written by train.py")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast):
+    """Top-1 and top-5 accuracy (percent) over the whole validation set, summed across ranks."""
+    model.eval()
+    counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        counts += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
+                               torch.tensor(len(y), device=device)]).float()
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+@torch.no_grad()
+def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs_per_box=64):
+    """Mean absolute error of each target's share of image 1 against the visible-foreground truth.
+
+    The paper's analysis of how right a target is: on fixed CutMix pairs of validation images, the
+    true share of image 1 is its visible foreground pixels over all visible foreground pixels. Returns
+    {'area': mae, 'tl': mae, 'transmix': mae or None}, or None if the data set has no masks.
+    """
+    if val_set is None or val_set.masks is None:
+        return None
+    model.eval()
+    info, p = val_set.info, model.patch_embed.proj.kernel_size[0]
+    has_cls = isinstance(model, vit.VisionTransformer)
+    errors = {"area": [], "tl": [], "transmix": []}
+    with torch.random.fork_rng(devices=[]):  # the same boxes every epoch, the training RNG untouched
+        torch.manual_seed(12345)
+        for start in range(0, min(num_images, len(val_set)) - pairs_per_box + 1, pairs_per_box):
+            idx = torch.arange(start, start + pairs_per_box)
+            x = data.normalize(val_set.images[idx], info["mean"], info["std"])
+            fg = val_set.masks[idx][:, None].float()  # (B, 1, H, W)
+            source = torch.arange(len(idx), dtype=torch.float).view(-1, 1, 1, 1).expand_as(fg)
+            # mix the foreground mask and the image index as extra channels: they follow the pixels
+            mixed, w, lam = tl.cutmix(torch.cat([x, fg, source], 1), p, args.cutmix_alpha, args.cutmix_mode)
+            xm, fg_m, from_1 = mixed[:, :-2], mixed[:, -2], mixed[:, -1] == source[:, 0]
+            fg1, fg_all = (fg_m * from_1).sum((1, 2)), fg_m.sum((1, 2))  # visible foreground of image 1, all
+            keep = fg_all > 0
+            truth = fg1[keep] / fg_all[keep]
+            with autocast:
+                out = model(xm.to(device), w.to(device), return_cls_attn=True) if has_cls \
+                    else model(xm.to(device), w.to(device))
+            errors["area"].append((lam - truth).abs())
+            errors["tl"].append((out[1][:, 0].float().cpu()[keep] - truth).abs())
+            if has_cls:
+                lam_tm = tl.transmix_lambda(out[2].cpu(), w, lam)[:, 0]
+                errors["transmix"].append((lam_tm[keep] - truth).abs())
+    return {k: (torch.cat(v).mean().item() if v else None) for k, v in errors.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, autocast, num_classes,
+                    patch_size, epoch, log):
+    """One pass over the training data; returns (mean loss, images per second)."""
+    model.train()
+    total_loss, seen, t0 = torch.zeros((), device=device), 0, time.time()
+    steps = len(loader)
+    for step, (x, y) in enumerate(loader):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        B = x.shape[0]
+        mix = args.mix if args.mix != "both" else ("cutmix" if torch.rand(()) < 0.5 else "mixup")
+        sources = torch.stack([y, y.flip(0)], dim=1)  # (B, 2): the two images of every pair
+        with autocast:
+            if mix == "cutmix":
+                x, w, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
+                if args.target == "tl_align":
+                    logits, weights = model(x, w)  # the class token's aligned label (B, 2)
+                elif args.target == "transmix":
+                    logits, cls_attn = model(x, return_cls_attn=True)
+                    weights = tl.transmix_lambda(cls_attn, w, lam)
+                else:
+                    logits, weights = model(x), tl.area_weights(lam, B, device)
+            elif mix == "mixup":  # every token has the same label: the area target is exact
+                x, lam = tl.mixup(x, args.mixup_alpha)
+                logits, weights = model(x), tl.area_weights(lam, B, device)
+            else:
+                logits, weights = model(x), tl.area_weights(1.0, B, device)
+            target = tl.class_target(weights, sources, num_classes, args.smoothing)
+            loss = tl.soft_cross_entropy(logits, target)
+        bad = (~torch.isfinite(loss.detach())).float()
+        if dist.is_initialized():
+            dist.all_reduce(bad)  # every rank stops together, none is left waiting in the backward
+        if bad.item():
+            raise UserError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; training stopped, the last "
+                            f"checkpoint in {args.output_dir} is intact: lower --lr, set --clip-grad or --amp off")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total_loss += loss.detach() * B
+        seen += B
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            rate = seen / (time.time() - t0)
+            eta = (steps - step - 1) * B / rate
+            log(f"epoch {epoch} [{step + 1}/{steps}] loss {total_loss.item() / seen:.4f} "
+                f"lr {optimizer.param_groups[0]['lr']:.2e} {rate * args.world:.0f} img/s eta {eta:.0f}s")
+    if dist.is_initialized():
+        dist.all_reduce(total_loss)
+    return total_loss.item() / (seen * args.world), seen * args.world / (time.time() - t0)
+
+
+def run(args):
+    rank, world, device = setup_distributed(args)
+    args.world = world
+    log = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    train_loader, val_loader, val_set, info = build_data(args, rank, world)
+    try:
+        model = vit.create_model(args.model, num_classes=info["num_classes"], img_size=info["img_size"],
+                                 in_chans=info["in_chans"], drop_path_rate=args.drop_path)
+    except ValueError as e:  # an image size the architecture cannot take
+        raise UserError(f"--model {args.model} on --data {args.data}: {e}") from None
+    model.to(device)
+    if args.lr is None:
+        args.lr = args.lr_recipe[0] * args.batch_size * world / args.lr_recipe[1]
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, round(args.warmup_epochs * steps), args.epochs * steps))
+    amp = {"auto": "bf16" if device.type == "cuda" else "off"}.get(args.amp, args.amp)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+
+    start_epoch, best = 0, 0.0
+    if args.resume:
+        ckpt = load_checkpoint(args.resume)
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError:
+            raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
+                            f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')})") from None
+        if not args.eval:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, best = ckpt["epoch"] + 1, ckpt["best_top1"]
+    if args.eval:
+        top1, top5 = evaluate(model, val_loader, device, autocast)
+        log(f"eval {args.resume or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
+        return
+    raw = model
+    if args.compile:
+        model = torch.compile(model)
+    if world > 1:
+        # buffers are constants (position indices, shift masks): nothing to broadcast
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                    broadcast_buffers=False)
+    log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
+        f"{len(train_loader)} steps of {args.batch_size} x {world} per epoch, {args.epochs} epochs, "
+        f"lr {args.lr:.2e}, mix {args.mix}, target {args.target}, {device}, amp {amp}")
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+    saved_args = {k: v for k, v in vars(args).items() if not isinstance(v, tuple)}
+    for epoch in range(start_epoch, args.epochs):
+        torch.manual_seed(args.seed * 1000 + epoch * 10 + rank)  # a resumed run repeats the same draws
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        else:
+            train_loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        train_loss, rate = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
+                                           autocast, info["num_classes"], raw.patch_embed.proj.kernel_size[0],
+                                           epoch, log)
+        top1, top5 = evaluate(raw, val_loader, device, autocast)
+        mae = label_accuracy(raw, val_set, args, device, autocast) if rank == 0 else None
+        best = max(best, top1)
+        if rank == 0:
+            record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
+                          lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.time() - t0, img_per_s=rate,
+                          label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
+                          label_mae_transmix=mae and mae["transmix"])
+            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                        scaler=scaler.state_dict(), epoch=epoch, best_top1=best, args=saved_args)
+            save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
+            if top1 == best:
+                save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
+                            os.path.join(args.output_dir, "best.pt"))
+            maes = "" if mae is None else " label MAE " + " ".join(
+                f"{k} {v:.4f}" for k, v in mae.items() if v is not None)
+            log(f"epoch {epoch}: train loss {train_loss:.4f} val top-1 {top1:.2f}% top-5 {top5:.2f}%{maes} "
+                f"({record['epoch_time_s']:.0f}s, {rate:.0f} img/s)")
+    log(f"done: best val top-1 {best:.2f}%, last {top1:.2f}%; checkpoints in {args.output_dir}")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        run(args)
+    except (UserError, data.DataError) as e:
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        print(f"error{where}: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
