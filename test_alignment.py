@@ -4,6 +4,7 @@ Each test checks a value against an independent formulation, an invariant or a h
 Random models get sharpened attention (`sharpen`): at initialisation attention is almost uniform,
 and uniform attention would hide a transposed or misplaced attention matrix.
 """
+import copy
 import hashlib
 
 import pytest
@@ -194,7 +195,7 @@ def test_align_labels_by_hand():
     Y = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
     # mean A = [[.5,.5,0],[0,.5,.5],[.5,0,.5]]; A Y = [[.5,.5],[.25,.75],[.75,.25]]; (Y + A Y) / 2:
     expected = torch.tensor([[[0.75, 0.25], [0.125, 0.875], [0.625, 0.375]]])
-    assert torch.allclose(tl.align_labels(Y, attn), expected)
+    assert torch.allclose(tl.align_labels(Y, tl.attend_labels(attn, Y)), expected)
 
 
 def test_transmix_lambda_by_hand():
@@ -418,7 +419,7 @@ def test_window_attention_equals_sdpa_with_bias():
     torch.manual_seed(12)
     attn = vit.Attention(32, 4)
     x, bias = torch.randn(6, 16, 32), torch.randn(3, 4, 16, 16)  # 2 images x 3 windows
-    out, weights = attn(x, bias)
+    out, weights, _ = attn(x, bias)
     q, k, v = attn.qkv(x).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
     full_bias = bias.repeat(2, 1, 1, 1)  # (6, 4, 16, 16): window w of image b is batch entry 3b + w
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias).transpose(1, 2).flatten(2)
@@ -481,3 +482,76 @@ def test_wrong_token_labels_and_alpha_are_refused():
         model(torch.randn(2, 3, 32, 32), torch.rand(2, 63, 2))
     with pytest.raises(ValueError, match="alpha > 0"):
         tl.cutmix(torch.randn(2, 3, 32, 32), 4, alpha=0.0)
+
+
+# 9. Fused attention (scaled_dot_product_attention, labels riding with the values) --------------------
+
+def fused_twin(model):
+    """The same model with fused attention: same parameters, so outputs must agree."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, vit.Attention):
+            m.fused = True
+    return twin
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_equals_explicit_in_float32(family):
+    """Logits and labels to 1e-5, parameter gradients to 1e-4 relative, with and without labels."""
+    torch.manual_seed(14)
+    model = tiny(family, drop_path_rate=0.1).train()
+    fused = fused_twin(model)
+    xm, w, _ = tl.cutmix(torch.randn(4, 3, 32, 32), patch_size(model), mode="pixel")
+    for labels in (None, w):
+        outs, grads = [], []
+        for m in (model, fused):
+            m.zero_grad()
+            torch.manual_seed(15)  # the same drop-path draws
+            out = m(xm) if labels is None else m(xm, labels)
+            logits = out if labels is None else out[0]
+            (logits.square().sum() + (0 if labels is None else (logits * out[1][:, :1]).sum())).backward()
+            outs.append(out)
+            grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+        if labels is None:
+            assert torch.allclose(outs[0], outs[1], atol=1e-5)
+        else:
+            assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+            assert (outs[0][1] - outs[1][1]).abs().max() < 1e-5
+            assert not outs[1][1].requires_grad
+        assert (grads[0] - grads[1]).norm() <= 1e-4 * grads[0].norm()
+
+
+def test_fused_transmix_attention_equals_explicit():
+    torch.manual_seed(16)
+    model = tiny("vit").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        _, a = model(x, return_cls_attn=True)
+        _, b = fused_twin(model)(x, return_cls_attn=True)
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_equals_explicit_under_bf16_autocast(family):
+    """bf16 carries ~3 significant digits: logits agree to 0.05, labels to 5e-3 and stay on the simplex."""
+    torch.manual_seed(17)
+    model = tiny(family).eval()
+    xm, w, _ = tl.cutmix(torch.randn(4, 3, 32, 32), patch_size(model), mode="pixel")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        la, ya = model(xm, w)
+        lb, yb = fused_twin(model)(xm, w)
+    assert yb.dtype == torch.float32
+    assert (la.float() - lb.float()).abs().max() < 5e-2
+    assert (ya - yb).abs().max() < 5e-3 and (yb.sum(-1) - 1).abs().max() < 5e-3
+
+
+def test_fused_attention_pads_to_kernel_width():
+    """Any K works: q, k, v are padded to a multiple of 8 and the result equals the explicit product."""
+    torch.manual_seed(18)
+    q, k, v = torch.randn(3, 2, 4, 5, 6).unbind(0)  # (B=2, h=4, N=5, d=6)
+    for K in (1, 2, 3, 10):
+        labels = torch.rand(2, 5, K).softmax(-1)
+        out, labels_attn = vit.fused_attention(q, k, v, None, labels, scale=0.5)
+        A = (q @ k.transpose(-1, -2) * 0.5).softmax(-1)
+        assert torch.allclose(out, A @ v, atol=1e-5)
+        assert torch.allclose(labels_attn, tl.attend_labels(A, labels), atol=1e-6)

@@ -60,6 +60,8 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         train.main(common + ["--output-dir", str(tmp_path / "resumed")])
     monkeypatch.setattr(train, "save_atomic", save)
     assert weights(tmp_path / "resumed" / "checkpoint.pt").keys()
+    with open(tmp_path / "resumed" / "log.jsonl", "a") as f:  # as if killed after logging epoch 1
+        f.write(json.dumps({"epoch": 1, "train_loss": -1.0}) + "\n")
     train.main(common + ["--output-dir", str(tmp_path / "resumed"),
                          "--resume", str(tmp_path / "resumed" / "checkpoint.pt")])
     a, b = weights(tmp_path / "straight" / "checkpoint.pt"), weights(tmp_path / "resumed" / "checkpoint.pt")

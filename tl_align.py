@@ -5,10 +5,10 @@ The paper's method in four steps, each a function here:
 
 1. `cutmix`: paper Eq. (1), X~ = M*X1 + (1-M)*X2, y~ = lam*y1 + (1-lam)*y2, and the label of every
    patch token: which share of its pixels comes from which image.
-2. `align_labels`: one attention layer moves the token labels with the same (head-averaged, detached)
-   attention that moves the features, followed by the residual average: Y <- (Y + mean_h(A) Y) / 2
-   (paper Sec. 3, Fig. 2; the weight 1/2 is the official code's).
-3. The model (vit.py) calls `align_labels` in every block and reads the label of what its classifier
+2. `attend_labels` + `align_labels`: one attention layer moves the token labels with the same
+   (head-averaged, detached) attention that moves the features, followed by the residual average:
+   Y <- (Y + mean_h(A) Y) / 2 (paper Sec. 3, Fig. 2; the weight 1/2 is the official code's).
+3. The model (vit.py) calls them in every block and reads the label of what its classifier
    reads: the class token (ViT/DeiT) or the mean over tokens (Swin).
 4. `class_target` + `soft_cross_entropy`: the aligned label over images becomes a class distribution,
    and the loss is the soft-target cross-entropy.
@@ -99,21 +99,29 @@ def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
     return x.mul(lam).add_(x.flip(0), alpha=1 - lam), lam
 
 
-def align_labels(labels: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """One attention layer of TL-Align: Y <- (Y + mean_h(A) Y) / 2.
+def attend_labels(attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Labels follow the values through one attention layer: Y_attn = mean_h(A) Y.
 
-    Paper Sec. 3, Fig. 2: labels follow the values, Y_attn = A Y with A the attention averaged over
-    heads (softmax weights, before dropout); the residual connection around attention is followed
-    by averaging with the fixed weight 1/2 (the official code's). LayerNorm, the MLP and the output
-    projection act on each token alone and leave labels unchanged, so this is the whole block.
-    A is detached (no gradient flows through labels) and the product runs in float32 even under
-    autocast (the official code runs it in fp16).
+    Paper Sec. 3, Fig. 2: A is the attention averaged over heads (softmax weights, before dropout),
+    detached, so that no gradient flows through labels; the product runs in float32 even under
+    autocast (the official code runs it in fp16). The fused path (vit.fused_attention) gets the same
+    Y_attn from the attention kernel itself, with the labels riding along as extra value columns.
 
-    labels: (B, N, K) float32, attn: (B, h, N, N) softmax weights. Returns (B, N, K) float32.
+    attn: (B, h, N, N) softmax weights, labels: (B, N, K) float32. Returns (B, N, K) float32.
     """
     with torch.autocast(device_type=labels.device.type, enabled=False):
         A = attn.detach().mean(dim=1, dtype=torch.float32)  # (B, N, N), no larger than one head's map
-        return torch.baddbmm(labels, A, labels, beta=0.5, alpha=0.5)  # (Y + A Y) / 2 in one kernel
+        return A @ labels
+
+
+def align_labels(labels: torch.Tensor, labels_attn: torch.Tensor) -> torch.Tensor:
+    """The residual connection around attention, on labels: Y <- (Y + Y_attn) / 2.
+
+    The fixed weight 1/2 is the official code's (paper Sec. 3). LayerNorm, the MLP and the output
+    projection act on each token alone and leave labels unchanged, so with `attend_labels` this is a
+    whole transformer block. labels, labels_attn: (B, N, K). Returns (B, N, K).
+    """
+    return 0.5 * (labels + labels_attn)
 
 
 def transmix_lambda(cls_attn: torch.Tensor, token_weights: torch.Tensor, lam: float) -> torch.Tensor:

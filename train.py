@@ -78,6 +78,8 @@ def get_args(argv=None):
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast; auto = bf16 on CUDA, off on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--fused-attn", action="store_true",
+                   help="scaled_dot_product_attention with the labels riding along (same results, less memory)")
     p.add_argument("--workers", type=int, default=8, help="ImageNet loader processes per GPU")
     p.add_argument("--output-dir", default="runs/default")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
@@ -181,6 +183,17 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint {path} holds no 'model' entry; it was not written by train.py")
     return ckpt
+
+
+def drop_later_epochs(log_path, start_epoch):
+    """Keep only the log lines of epochs before start_epoch: a run killed between writing its log line
+    and its checkpoint repeats that epoch on resume, and must not log it twice."""
+    if not os.path.isfile(log_path):
+        return
+    with open(log_path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch]
+    with open(log_path, "w") as f:
+        f.writelines(lines)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -304,7 +317,8 @@ def run(args):
     train_loader, val_loader, val_set, info = build_data(args, rank, world)
     try:
         model = vit.create_model(args.model, num_classes=info["num_classes"], img_size=info["img_size"],
-                                 in_chans=info["in_chans"], drop_path_rate=args.drop_path)
+                                 in_chans=info["in_chans"], drop_path_rate=args.drop_path,
+                                 fused_attn=args.fused_attn)
     except ValueError as e:  # an image size the architecture cannot take
         raise UserError(f"--model {args.model} on --data {args.data}: {e}") from None
     model.to(device)
@@ -348,6 +362,7 @@ def run(args):
         f"lr {args.lr:.2e}, mix {args.mix}, target {args.target}, {device}, amp {amp}")
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
+        drop_later_epochs(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
     saved_args = {k: v for k, v in vars(args).items() if not isinstance(v, tuple)}
     for epoch in range(start_epoch, args.epochs):
         torch.manual_seed(args.seed * 1000 + epoch * 10 + rank)  # a resumed run repeats the same draws

@@ -5,8 +5,10 @@
   attention mask, patch merging, global average pooling).
 
 Every attention layer is an explicit softmax and hands its weights to the label path of TL-Align
-(tl_align.align_labels, paper Sec. 3): `model(x, token_labels)` returns the logits and the aligned
-label of what the classifier reads. Without labels `model(x)` is an ordinary classifier.
+(tl_align.attend_labels / align_labels, paper Sec. 3): `model(x, token_labels)` returns the logits
+and the aligned label of what the classifier reads. Without labels `model(x)` is an ordinary
+classifier. `fused_attn=True` swaps in torch's scaled_dot_product_attention, with the labels riding
+along as extra value columns (fused_attention), tested equal to the explicit path.
 
 Parameter names and shapes are those of timm's deit_{tiny,small,base}_patch16_224 and
 swin_{tiny,small,base}_patch4_window7_224 (timm >= 0.9 layout: Swin's patch merging opens the
@@ -21,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tl_align import align_labels
+from tl_align import align_labels, attend_labels
 
 # name: architecture; img_size is the default input size (create_model may change it)
 PRESETS = {
@@ -45,8 +47,12 @@ PRESETS = {
 
 
 def create_model(name: str, num_classes: int = 1000, img_size: int | None = None, in_chans: int = 3,
-                 drop_path_rate: float = 0.0, **overrides) -> nn.Module:
-    """Build a preset by name; img_size=None keeps the preset's size, overrides replace its fields."""
+                 drop_path_rate: float = 0.0, fused_attn: bool = False, **overrides) -> nn.Module:
+    """Build a preset by name; img_size=None keeps the preset's size, overrides replace its fields.
+
+    fused_attn: attention through torch's scaled_dot_product_attention, labels riding with the values
+    (same logits, labels and gradients as the explicit path, without the (N, N) weights in memory).
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)}")
     cfg = {**PRESETS[name], **overrides}
@@ -54,7 +60,8 @@ def create_model(name: str, num_classes: int = 1000, img_size: int | None = None
     if img_size is not None:
         cfg["img_size"] = img_size
     cls = VisionTransformer if family == "vit" else SwinTransformer
-    return cls(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **cfg)
+    return cls(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, fused_attn=fused_attn,
+               **cfg)
 
 
 # ----------------------------------------------------------------------------- shared parts
@@ -104,29 +111,69 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, D)
 
 
-class Attention(nn.Module):
-    """Multi-head softmax attention over all tokens that also returns its weights (B, h, N, N)."""
+def fused_attention(q, k, v, bias, labels, scale: float):
+    """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
 
-    def __init__(self, dim: int, num_heads: int):
+    The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
+    next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
+    with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
+    so no gradient flows through them and the gradients of q, k, v are those of plain attention.
+
+    q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
+    labels: (B, N, K) or None. Returns out (B, h, N, d) and mean_h(A_h Y) (B, N, K) float32 or None.
+    """
+    B, h, N, d = q.shape
+    if labels is not None:
+        K = labels.shape[-1]
+        pad = -(d + K) % 8
+        y = labels.detach().to(v.dtype)[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
+        zeros = q.new_zeros(B, h, N, K + pad)
+        q, k = torch.cat([q, zeros], -1), torch.cat([k, zeros], -1)  # (B, h, N, d + K + pad)
+        v = torch.cat([v, y, zeros[..., :pad]], -1)
+    if bias is not None:
+        # kernels take a 4-d mask broadcast over the batch: fold the bias's own batch (Swin's nW windows,
+        # the inner factor of B) into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous
+        G = bias[..., 0, 0, 0].numel()
+        q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
+        bias = bias.reshape(1, G * h, N, N)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).view(B, h, N, -1)
+    if labels is None:
+        return out, None
+    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head softmax attention: explicit (it returns its weights) or fused (SDPA, labels ride along)."""
+
+    def __init__(self, dim: int, num_heads: int, fused: bool = False):
         super().__init__()
-        self.num_heads, self.scale = num_heads, (dim // num_heads) ** -0.5
+        self.num_heads, self.scale, self.fused = num_heads, (dim // num_heads) ** -0.5, fused
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, bias=None):
-        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count.
+    def forward(self, x, bias=None, labels=None, cls_attn=False):
+        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count; labels: (B, N, K).
 
-        Returns out (B, N, C) and attn (B, h, N, N).
+        Returns out (B, N, C); attn, the softmax weights (B, h, N, N) on the explicit path, and on the
+        fused path the class token's row (B, h, 1, N) if cls_attn, else None; labels_attn =
+        mean_h(A) Y (B, N, K) float32, or None without labels.
         """
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-        logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
-        if bias is not None:  # broadcast over leading groups of the batch, e.g. the images of a window batch
-            logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
-        # at least fp32 under autocast (as CUDA autocast does): the label path reads these weights
-        attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj(out), attn
+        if self.fused:
+            out, labels_attn = fused_attention(q, k, v, bias, labels, self.scale)
+            attn = None
+            if cls_attn:  # only the class token's row, for TransMix: (B, h, 1, N)
+                attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
+        else:
+            logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+            if bias is not None:  # broadcast over leading groups of the batch, e.g. the images of a window batch
+                logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
+            # at least fp32 under autocast (as CUDA autocast does): the label path reads these weights
+            attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            out = attn.to(v.dtype) @ v
+            labels_attn = None if labels is None else attend_labels(attn, labels)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), attn, labels_attn
 
 
 def check_token_labels(token_labels, B: int, N: int):
@@ -153,22 +200,22 @@ def init_weights(module: nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; labels move with the attention (paper Sec. 3)."""
 
-    def __init__(self, dim: int, num_heads: int, drop_path: float):
+    def __init__(self, dim: int, num_heads: int, drop_path: float, fused_attn: bool = False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, fused_attn)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, labels=None):
-        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, attn (B, h, N, N)."""
-        a, attn = self.attn(self.norm1(x))
+    def forward(self, x, labels=None, cls_attn=False):
+        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, attn (see Attention.forward)."""
+        a, attn, labels_attn = self.attn(self.norm1(x), labels=labels, cls_attn=cls_attn)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if labels is not None:
             # the whole block's label update; DropPath is ignored here, as in the official code
-            labels = align_labels(labels, attn)
+            labels = align_labels(labels, labels_attn)
         return x, labels, attn
 
 
@@ -176,14 +223,14 @@ class VisionTransformer(nn.Module):
     """ViT/DeiT with a class token: logits from the class token after the final norm."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768,
-                 depth=12, num_heads=12, drop_path_rate=0.0):
+                 depth=12, num_heads=12, drop_path_rate=0.0, fused_attn=False):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm=False)
         self.num_patches = self.patch_embed.grid ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.num_patches, embed_dim))
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # deeper blocks drop more often
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, dpr[i]) for i in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, dpr[i], fused_attn) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
         init_weights(self)
@@ -206,8 +253,8 @@ class VisionTransformer(nn.Module):
             y = token_labels.float()
             # the class token starts at y~ = the mean of the patch labels (paper Eq. (1))
             labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
-        for blk in self.blocks:
-            x, labels, attn = blk(x, labels)
+        for i, blk in enumerate(self.blocks):
+            x, labels, attn = blk(x, labels, cls_attn=return_cls_attn and i == len(self.blocks) - 1)
         logits = self.head(self.norm(x[:, 0]))
         out = (logits,)
         if token_labels is not None:
@@ -254,32 +301,32 @@ def shift_mask(H: int, W: int, ws: int, shift: int) -> torch.Tensor:
 class WindowAttention(Attention):
     """Attention inside a window, with a learned bias per relative position and head."""
 
-    def __init__(self, dim: int, num_heads: int, ws: int):
-        super().__init__(dim, num_heads)
+    def __init__(self, dim: int, num_heads: int, ws: int, fused: bool = False):
+        super().__init__(dim, num_heads, fused)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(ws), persistent=False)
 
-    def forward(self, x, mask=None):
-        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None. Returns out, attn (B*nW, h, n, n)."""
+    def forward(self, x, mask=None, labels=None):
+        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None; labels: (B*nW, ws*ws, K) or None."""
         n = x.shape[1]
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, n, n)
         if mask is not None:
             bias = bias + mask[:, None]  # (nW, h, n, n), broadcast over the images of the batch
-        return super().forward(x, bias)
+        return super().forward(x, bias, labels)
 
 
 class SwinBlock(nn.Module):
     """Swin block: (shifted) window attention + MLP; labels are windowed exactly like the features."""
 
     def __init__(self, dim: int, num_heads: int, resolution: int, window_size: int, shift: bool,
-                 drop_path: float):
+                 drop_path: float, fused_attn: bool = False):
         super().__init__()
         # a map no larger than the window is one window, and shifting it would do nothing
         self.ws = min(window_size, resolution)
         self.shift = self.ws // 2 if shift and resolution > window_size else 0
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, num_heads, self.ws)
+        self.attn = WindowAttention(dim, num_heads, self.ws, fused_attn)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
@@ -302,12 +349,13 @@ class SwinBlock(nn.Module):
     def forward(self, x, labels=None):
         """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x, labels."""
         B, H, W, C = x.shape
-        a, attn = self.attn(self.partition(self.norm1(x)), self.attn_mask)  # attn: (B*nW, h, n, n)
+        # window attention is block-diagonal: each window's labels move with its own attention
+        windowed_labels = None if labels is None else self.partition(labels)
+        a, _, labels_attn = self.attn(self.partition(self.norm1(x)), self.attn_mask, windowed_labels)
         x = x + self.drop_path(self.reverse(a, H, W))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if labels is not None:
-            # window attention is block-diagonal: align each window's labels with its own attention
-            labels = self.reverse(align_labels(self.partition(labels), attn), H, W)
+            labels = align_labels(labels, self.reverse(labels_attn, H, W))
         return x, labels
 
 
@@ -341,11 +389,12 @@ class SwinStage(nn.Module):
     """Optional patch merging, then blocks alternating regular and shifted windows."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, resolution: int, window_size: int,
-                 downsample: bool, drop_path: list[float]):
+                 downsample: bool, drop_path: list[float], fused_attn: bool = False):
         super().__init__()
         self.downsample = PatchMerging(dim // 2) if downsample else None
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, resolution, window_size, shift=i % 2 == 1, drop_path=drop_path[i])
+            SwinBlock(dim, num_heads, resolution, window_size, shift=i % 2 == 1, drop_path=drop_path[i],
+                      fused_attn=fused_attn)
             for i in range(depth))
 
     def forward(self, x, labels=None):
@@ -371,7 +420,8 @@ class SwinTransformer(nn.Module):
     """Swin Transformer; the classifier reads the mean token, so the target is the mean token label."""
 
     def __init__(self, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.0):
+                 depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.0,
+                 fused_attn=False):
         super().__init__()
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, norm=True)
         res = self.patch_embed.grid
@@ -389,7 +439,8 @@ class SwinTransformer(nn.Module):
                                  f"multiple of the window {ws}; use a multiple of "
                                  f"{patch_size * window_size * 2 ** (len(depths) - 1)} px")
             stages.append(SwinStage(embed_dim * 2 ** i, depth, num_heads[i], res, window_size,
-                                    downsample=i > 0, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])]))
+                                    downsample=i > 0, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
+                                    fused_attn=fused_attn))
         self.layers = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(embed_dim * 2 ** (len(depths) - 1))
         self.head = PoolHead(embed_dim * 2 ** (len(depths) - 1), num_classes)

@@ -1,0 +1,221 @@
+"""What TL-Align costs: training-step time and peak memory of each target, explicit and fused attention.
+
+    python bench.py                                  # deit_t, deit_s, swin_t at 224 px, and the 32 px presets
+    python bench.py --model deit_s --batch-size 64 --device cuda --amp bf16
+    python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
+
+Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
+  plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
+  tl_k2     TL-Align tracking K = 2 source weights per token (this repository)
+  tl_kC     TL-Align pushing full C-class token labels, (B, N, C) per layer (the official formulation)
+  transmix  TransMix's target from the last class-token attention (class-token models only)
+Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike;
+the figures are medians over the repetitions. Peak memory: CUDA's max_memory_allocated, or on the CPU
+the growth of the peak resident set of a fresh process running that mode alone (ru_maxrss).
+"""
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+import tl_align as tl
+import vit
+
+MODES = ["plain", "tl_k2", "tl_kC", "transmix"]
+DEFAULT_MODELS = {"deit_t": 32, "deit_s": 16, "swin_t": 16, "vit_mini": 128, "swin_mini": 128}  # CPU batch sizes
+
+
+def build(name, fused, device, num_classes):
+    torch.manual_seed(0)
+    model = vit.create_model(name, num_classes=num_classes, fused_attn=fused).to(device)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes, smoothing=0.1):
+    """A closure running one training step of `mode` on a fixed random batch."""
+    p, size = model.patch_embed.proj.kernel_size[0], model.patch_embed.img_size
+    x = torch.randn(batch_size, 3, size, size, device=device)
+    y = torch.randint(num_classes, (batch_size,), device=device)
+    sources = torch.stack([y, y.flip(0)], dim=1)
+
+    def step():
+        xm, w, lam = tl.cutmix(x, p)
+        with autocast:
+            if mode == "plain":
+                logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
+            elif mode == "tl_k2":
+                logits, weights = model(xm, w)
+            elif mode == "tl_kC":  # token labels over the C classes, as the official code carries them
+                tokens = torch.einsum("bnk,bkc->bnc", w, F.one_hot(sources, num_classes).float())
+                logits, label = model(xm, tokens)
+            else:
+                logits, cls_attn = model(xm, return_cls_attn=True)
+                weights = tl.transmix_lambda(cls_attn, w, lam)
+            if mode == "tl_kC":
+                target = label * (1 - smoothing) + smoothing / num_classes
+            else:
+                target = tl.class_target(weights, sources, num_classes, smoothing)
+            loss = tl.soft_cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def timed(fn, device):
+    """Seconds one call of fn takes (CUDA events on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def cpu_peak_mb(args, name, mode, fused, batch_size):
+    """Peak resident-set growth (MB) of a fresh process running 3 steps of one mode."""
+    cmd = [sys.executable, __file__, "--probe-memory", name, mode, str(int(fused)),
+           "--batch-size", str(batch_size), "--amp", args.amp,
+           "--num-classes", str(args.num_classes)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def probe_memory(args, name, mode, fused):
+    device = torch.device("cpu")
+    model, opt = build(name, fused, device, args.num_classes)
+    step = make_step(model, opt, mode, args.batch_size, device, autocast_for(args, device), args.num_classes)
+    with open("/proc/self/statm") as f:
+        before_kb = int(f.read().split()[1]) * resource.getpagesize() / 1024
+    for _ in range(3):
+        step()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(f"{(peak_kb - before_kb) / 1024:.1f}")
+
+
+def autocast_for(args, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def bench_model(args, name, batch_size, device):
+    """Rows {model, attn, mode, ms, img_s, mem_mb} for every mode, explicit and/or fused."""
+    autocast = autocast_for(args, device)
+    rows = []
+    for fused in {"off": [False], "on": [True], "both": [False, True]}[args.fused]:
+        model, opt = build(name, fused, device, args.num_classes)
+        modes = [m for m in MODES if m != "transmix" or isinstance(model, vit.VisionTransformer)]
+        steps = {m: make_step(model, opt, m, batch_size, device, autocast, args.num_classes) for m in modes}
+        times = {m: [] for m in modes}
+        peaks = {m: 0.0 for m in modes}
+        for rep in range(args.warmup + args.reps):
+            for m in modes:  # interleaved
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                t = timed(steps[m], device)
+                if rep >= args.warmup:
+                    times[m].append(t)
+                if device.type == "cuda":
+                    peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        for m in modes:
+            if device.type == "cpu" and not args.no_memory:
+                peaks[m] = cpu_peak_mb(args, name, m, fused, batch_size)
+            ms = 1e3 * statistics.median(times[m])
+            rows.append(dict(model=name, attn="fused" if fused else "explicit", mode=m, ms=ms,
+                             img_s=batch_size / ms * 1e3, mem_mb=peaks[m], spread=1e3 * (max(times[m]) - min(times[m]))))
+        rows.append(dict(model=name, attn="fused" if fused else "explicit", mode="inference",
+                         img_s=inference_rate(model, batch_size, device, autocast, args.reps)))
+    return rows
+
+
+@torch.no_grad()
+def inference_rate(model, batch_size, device, autocast, reps):
+    """Images per second of model(x) in eval mode, no labels (median of reps)."""
+    model.eval()
+    x = torch.randn(batch_size, 3, model.patch_embed.img_size, model.patch_embed.img_size, device=device)
+    with autocast:
+        model(x)
+        rate = batch_size / statistics.median(timed(lambda: model(x), device) for _ in range(reps))
+    model.train()
+    return rate
+
+
+def print_table(rows):
+    ref = {(r["model"], r["attn"]): r for r in rows if r["mode"] == "plain"}
+    print(f"{'model':10s} {'attn':8s} {'mode':9s} {'ms/step':>9s} {'±':>6s} {'img/s':>8s} {'x plain':>8s} "
+          f"{'peak MB':>8s} {'x plain':>8s}")
+    for r in rows:
+        if r["mode"] == "inference":
+            print(f"{r['model']:10s} {r['attn']:8s} {'inference':9s} {'':>9s} {'':>6s} {r['img_s']:8.1f}")
+            continue
+        a = ref[(r["model"], r["attn"])]
+        print(f"{r['model']:10s} {r['attn']:8s} {r['mode']:9s} {r['ms']:9.1f} {r['spread']:6.1f} {r['img_s']:8.1f} "
+              f"{r['ms'] / a['ms']:8.3f} {r['mem_mb']:8.0f} {r['mem_mb'] / max(a['mem_mb'], 1e-9):8.3f}")
+
+
+def summary(rows):
+    """One line: what TL-Align (K=2) and the official K=C cost per model, and what fusing gains."""
+    parts = []
+    for name in dict.fromkeys(r["model"] for r in rows):
+        get = {(r["attn"], r["mode"]): r for r in rows if r["model"] == name}
+        for attn in ("explicit", "fused"):
+            if (attn, "plain") in get:
+                base = get[(attn, "plain")]["ms"]
+                parts.append(f"{name} {attn}: K=2 {100 * (get[(attn, 'tl_k2')]['ms'] / base - 1):+.1f}%, "
+                             f"K=C {100 * (get[(attn, 'tl_kC')]['ms'] / base - 1):+.1f}%")
+        if ("fused", "plain") in get and ("explicit", "plain") in get:
+            parts.append(f"{name} fused/explicit step {get[('fused', 'plain')]['ms'] / get[('explicit', 'plain')]['ms']:.2f}x")
+    print("summary: " + "; ".join(parts))
+
+
+def profile(args, name, device):
+    model, opt = build(name, args.fused == "on", device, args.num_classes)
+    batch_size = args.batch_size or DEFAULT_MODELS.get(name, 16)
+    step = make_step(model, opt, "tl_k2", batch_size, device, autocast_for(args, device), args.num_classes)
+    step()
+    with torch.profiler.profile() as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total" if device.type == "cpu" else "self_cuda_time_total",
+                                    row_limit=15))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), choices=list(vit.PRESETS))
+    p.add_argument("--batch-size", type=int, default=None, help="default: per model, sized for a CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--fused", default="both", choices=["off", "on", "both"], help="fused attention")
+    p.add_argument("--num-classes", type=int, default=1000, help="C of the K = C mode (ImageNet's 1000)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes (one process each)")
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "MODE", "FUSED"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.probe_memory:
+        name, mode, fused = args.probe_memory
+        return probe_memory(args, name, mode, fused == "1")
+    device = torch.device(args.device)
+    if args.profile:
+        return profile(args, args.model[0], device)
+    rows = []
+    print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name in args.model:
+        rows += bench_model(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16), device)
+    print_table(rows)
+    summary(rows)
+
+
+if __name__ == "__main__":
+    main()
