@@ -304,6 +304,11 @@ def normalize(images, mean, std):
     return (images.float() / 255 - mean) / std
 
 
+def derive_seed(*keys: int) -> int:
+    """A seed that is a function of all keys (e.g. seed, epoch, rank) with no collisions between them."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 class Loader:
     """Batches (images (B, C, 32, 32) float32 normalised, labels (B,) int64) of one rank's share of data."""
 
@@ -333,8 +338,7 @@ class Loader:
         total = self.num_samples * self.world_size
         idx = idx.repeat(math.ceil(total / n))[:total][self.rank::self.world_size]  # (num_samples,)
         # augmentation draws differ between ranks and epochs, and are the same when the run is repeated
-        aug_seed = int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1)[0])
-        aug = torch.Generator().manual_seed(aug_seed)
+        aug = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
         for i in range(len(self)):
             batch = idx[i * self.batch_size:(i + 1) * self.batch_size]
             images = self.data.images[batch]

@@ -4,10 +4,14 @@ import os
 import subprocess
 import sys
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
+import data
 import train
+import vit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = ["--subset", "256", "--batch-size", "64", "--log-every", "1000"]
@@ -98,27 +102,62 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch, c
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
-@pytest.mark.parametrize("case", ["missing_data", "missing_ckpt", "corrupt_ckpt", "wrong_ckpt", "bad_size",
-                                  "imagenet_no_path"])
+def fake_checkpoints(tmp_path):
+    """best.pt-like weights only, and a complete checkpoint.pt of a finished 1-epoch run, for vit_mini."""
+    model = vit.create_model("vit_mini", num_classes=10)
+    optimizer = torch.optim.AdamW(train.param_groups(model, 0.05))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    torch.save({"model": model.state_dict(), "epoch": 0, "val_top1": 10.0}, tmp_path / "best.pt")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": {}, "epoch": 0, "best_top1": 10.0, "args": {}}, tmp_path / "finished.pt")
+
+
+CASES = {  # arguments -> a word the one-line message must contain
+    "missing_data": (["--data", "cifar10", "--data-path", "{tmp}/nowhere"], "nowhere"),
+    "missing_ckpt": (["--resume", "{tmp}/nothing.pt"], "nothing.pt"),
+    "dir_as_ckpt": (["--resume", "{tmp}"], "is a directory"),
+    "corrupt_ckpt": (["--resume", "{tmp}/corrupt.pt"], "corrupt.pt"),
+    "wrong_ckpt": (["--resume", "{tmp}/wrong.pt"], "wrong.pt"),
+    "weights_only_ckpt": (["--resume", "{tmp}/best.pt"], "checkpoint.pt"),
+    "finished_ckpt": (["--resume", "{tmp}/finished.pt"], "raise --epochs"),
+    "bad_size": (["--model", "swin_t"], "window"),  # 32 px synthetic images: 8x8 tokens, window 7
+    "imagenet_no_path": (["--data", "imagenet"], "--data-path"),
+    "zero_steps": (["--subset", "32", "--batch-size", "64"], "--batch-size 64"),
+    "zero_epochs": (["--epochs", "0"], "--epochs"),
+    "output_is_a_file": (["--output-dir", "{tmp}/corrupt.pt/run"], "--output-dir"),
+    "bad_device": (["--device", "gpu"], "--device gpu"),
+    "transmix_on_swin": (["--model", "swin_mini", "--target", "transmix"], "class-token"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_user_errors_exit_2_with_one_line(tmp_path, case):
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"not a checkpoint at all")
-    wrong = tmp_path / "wrong.pt"
-    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "args": {"model": "deit_t"}}, wrong)
-    args = {
-        "missing_data": ["--data", "cifar10", "--data-path", str(tmp_path / "nowhere")],
-        "missing_ckpt": ["--resume", str(tmp_path / "nothing.pt")],
-        "corrupt_ckpt": ["--resume", str(corrupt)],
-        "wrong_ckpt": ["--resume", str(wrong)],
-        "bad_size": ["--model", "swin_t"],  # 32 px synthetic images: 8x8 tokens, window 7
-        "imagenet_no_path": ["--data", "imagenet"],
-    }[case]
-    code, out, err = run_cli("train.py", *args, *SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"))
-    assert code == 2
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint at all")
+    torch.save({"model": {"head.weight": torch.zeros(2, 2)}, "args": {"model": "deit_t"}}, tmp_path / "wrong.pt")
+    fake_checkpoints(tmp_path)
+    args, named = CASES[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, out, err = run_cli("train.py", *SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args)
+    assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
-    named = {"missing_data": "nowhere", "missing_ckpt": "nothing.pt", "corrupt_ckpt": "corrupt.pt",
-             "wrong_ckpt": "wrong.pt", "bad_size": "window", "imagenet_no_path": "--data-path"}[case]
     assert named in err
+
+
+def test_label_truth_is_the_area_when_everything_is_foreground():
+    """With all-ones masks the visible-foreground share is the pixel share: the area MAE must be 0."""
+    args = train.get_args([])
+    val = data.load_small("synthetic", None, train=False, subset=128)
+    val.masks = torch.ones_like(val.masks)
+    model = vit.create_model("vit_mini", num_classes=10)
+    for mode in ("grid", "pixel"):
+        args.cutmix_mode = mode
+        mae = train.label_accuracy(model, val, args, torch.device("cpu"), nullcontext(), num_images=128)
+        assert mae["area"] < 1e-6 and mae["tl"] > 1e-4  # the model's label is not the area
+    val.masks[:, :, :] = False
+    val.masks[::2, 10:20, 10:20] = True  # even images only: an odd image's pair partner is even
+    mae = train.label_accuracy(model, val, args, torch.device("cpu"), nullcontext(), num_images=128)
+    # pairs (i, B-1-i) with B = 64 join an even and an odd image: truth is 1 or 0 wherever defined
+    assert mae["area"] > 0.05
 
 
 def test_two_process_gloo_run(tmp_path):
@@ -128,5 +167,6 @@ def test_two_process_gloo_run(tmp_path):
     assert "128 x 2" not in out and "4 steps of 32 x 2" in out  # each rank trains on its half
     assert out.count("done: best val top-1") == 1  # logging on rank 0 only
     record = json.loads((tmp_path / "log.jsonl").read_text())
-    # validation gathered across ranks: accuracies are multiples of 1/2000 of the whole val set
-    assert abs(record["val_top1"] * 20 - round(record["val_top1"] * 20)) < 1e-6
+    # validation gathered across ranks: the same accuracy as one process evaluating the whole set
+    code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "checkpoint.pt"))
+    assert code == 0 and f"top-1 {record['val_top1']:.2f}%" in out, (out, err)

@@ -95,10 +95,22 @@ def get_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     args.lr_recipe = (recipe["lr"], recipe["lr_batch"])
-    if args.target == "transmix" and not args.model.startswith(("deit", "vit")):
-        p.error("--target transmix needs a class-token model (deit_*, vit_mini): TransMix is defined on the "
-                "class token's attention")
     return args
+
+
+def check_args(args):
+    """Refuse settings that cannot train, with the one line that says what to change."""
+    for flag in ("epochs", "batch_size", "subset"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
+    for flag in ("lr", "cutmix_alpha", "mixup_alpha"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
+    if args.target == "transmix" and not args.model.startswith(("deit", "vit")):
+        raise UserError(f"--target transmix needs a class-token model (deit_*, vit_mini), not {args.model}: "
+                        f"TransMix is defined on the class token's attention")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -108,9 +120,15 @@ def setup_distributed(args):
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.device is None:
-        args.device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        device = torch.device("cuda", local if device.index is None else device.index)  # one GPU per process
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -125,12 +143,12 @@ def build_data(args, rank, world):
             raise UserError("--data imagenet needs --data-path DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG)")
         train_set = data.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
         val_set = data.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
-        if args.subset:
+        if args.subset is not None:
             train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
                                                       drop_last=True)
-        kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=True,
-                  persistent_workers=args.workers > 0)
+        # workers restart every epoch, seeded from the epoch's RNG, so that a resumed run repeats them
+        kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available())
         train = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True, **kw)
         # validation: each rank a disjoint stride of the set, no padding, so that gathered counts are exact
         val = torch.utils.data.DataLoader(val_set, sampler=range(rank, len(val_set), world), **kw)
@@ -174,14 +192,15 @@ def save_atomic(obj, path):
 def load_checkpoint(path):
     """A checkpoint written by this script, loaded without running code from the file (weights_only)."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}; give the path of a checkpoint.pt written by train.py")
+        what = "is a directory" if os.path.isdir(path) else "not found"
+        raise UserError(f"checkpoint {path} {what}; give the path of a checkpoint.pt written by train.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not from "
                         f"train.py: use another checkpoint or start without --resume") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise UserError(f"checkpoint {path} holds no 'model' entry; it was not written by train.py")
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"checkpoint {path} holds no model weights; it was not written by train.py")
     return ckpt
 
 
@@ -190,8 +209,14 @@ def drop_later_epochs(log_path, start_epoch):
     and its checkpoint repeats that epoch on resume, and must not log it twice."""
     if not os.path.isfile(log_path):
         return
+    def before_start(line):
+        try:
+            return json.loads(line)["epoch"] < start_epoch
+        except (ValueError, KeyError, TypeError):  # a line torn by a kill
+            return False
+
     with open(log_path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch]
+        lines = [line for line in f if before_start(line)]
     with open(log_path, "w") as f:
         f.writelines(lines)
 
@@ -257,7 +282,7 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, autocast, num_classes,
                     patch_size, epoch, log):
-    """One pass over the training data; returns (mean loss, images per second)."""
+    """One pass over the training data; returns (mean loss, images per second, last lr)."""
     model.train()
     total_loss, seen, t0 = torch.zeros((), device=device), 0, time.time()
     steps = len(loader)
@@ -294,6 +319,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
         if args.clip_grad:
             scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -303,18 +329,29 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
             rate = seen / (time.time() - t0)
             eta = (steps - step - 1) * B / rate
             log(f"epoch {epoch} [{step + 1}/{steps}] loss {total_loss.item() / seen:.4f} "
-                f"lr {optimizer.param_groups[0]['lr']:.2e} {rate * args.world:.0f} img/s eta {eta:.0f}s")
+                f"lr {lr:.2e} {rate * args.world:.0f} img/s eta {eta:.0f}s")
     if dist.is_initialized():
         dist.all_reduce(total_loss)
-    return total_loss.item() / (seen * args.world), seen * args.world / (time.time() - t0)
+    return total_loss.item() / (seen * args.world), seen * args.world / (time.time() - t0), lr
 
 
 def run(args):
+    check_args(args)
     rank, world, device = setup_distributed(args)
     args.world = world
     log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0 and not args.eval:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output-dir {args.output_dir} cannot be created ({e.strerror}); "
+                            f"choose a writable directory") from None
     torch.manual_seed(args.seed)
     train_loader, val_loader, val_set, info = build_data(args, rank, world)
+    if len(train_loader) == 0:
+        per_rank = train_loader.num_samples if isinstance(train_loader, data.Loader) else len(train_loader.sampler)
+        raise UserError(f"no training step: {per_rank} training samples per process are fewer than "
+                        f"--batch-size {args.batch_size}; lower --batch-size or raise --subset")
     try:
         model = vit.create_model(args.model, num_classes=info["num_classes"], img_size=info["img_size"],
                                  in_chans=info["in_chans"], drop_path_rate=args.drop_path,
@@ -342,36 +379,44 @@ def run(args):
             raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
                             f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')})") from None
         if not args.eval:
+            if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
+                raise UserError(f"{args.resume} holds weights only (best.pt?): resume from checkpoint.pt, "
+                                f"or evaluate it with --eval")
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
+                scaler.load_state_dict(ckpt["scaler"])
             start_epoch, best = ckpt["epoch"] + 1, ckpt["best_top1"]
+            if start_epoch >= args.epochs:
+                raise UserError(f"{args.resume} has finished epoch {ckpt['epoch']} of --epochs {args.epochs}: "
+                                f"nothing left to train; raise --epochs to continue")
     if args.eval:
         top1, top5 = evaluate(model, val_loader, device, autocast)
         log(f"eval {args.resume or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
         return
     raw = model
-    if args.compile:
-        model = torch.compile(model)
     if world > 1:
         # buffers are constants (position indices, shift masks): nothing to broadcast
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                     broadcast_buffers=False)
+    if args.compile:  # after DDP, so that compiled graphs overlap the gradient all-reduce
+        model = torch.compile(model)
     log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
         f"{len(train_loader)} steps of {args.batch_size} x {world} per epoch, {args.epochs} epochs, "
         f"lr {args.lr:.2e}, mix {args.mix}, target {args.target}, {device}, amp {amp}")
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         drop_later_epochs(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
     saved_args = {k: v for k, v in vars(args).items() if not isinstance(v, tuple)}
     for epoch in range(start_epoch, args.epochs):
-        torch.manual_seed(args.seed * 1000 + epoch * 10 + rank)  # a resumed run repeats the same draws
+        # the RNG is a function of (seed, epoch, rank): a resumed run repeats the same draws, so the
+        # checkpoint needs no RNG state
+        torch.manual_seed(data.derive_seed(args.seed, epoch, rank))
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
         else:
             train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
-        train_loss, rate = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
+        train_loss, rate, lr = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
                                            autocast, info["num_classes"], raw.patch_embed.proj.kernel_size[0],
                                            epoch, log)
         top1, top5 = evaluate(raw, val_loader, device, autocast)
@@ -379,17 +424,17 @@ def run(args):
         best = max(best, top1)
         if rank == 0:
             record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
-                          lr=optimizer.param_groups[0]["lr"], epoch_time_s=time.time() - t0, img_per_s=rate,
+                          lr=lr, epoch_time_s=time.time() - t0, img_per_s=rate,
                           label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
                           label_mae_transmix=mae and mae["transmix"])
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if top1 == best:  # before checkpoint.pt, whose best_top1 must describe a best.pt on disk
+                save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
+                            os.path.join(args.output_dir, "best.pt"))
             ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), epoch=epoch, best_top1=best, args=saved_args)
             save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
-            if top1 == best:
-                save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
-                            os.path.join(args.output_dir, "best.pt"))
             maes = "" if mae is None else " label MAE " + " ".join(
                 f"{k} {v:.4f}" for k, v in mae.items() if v is not None)
             log(f"epoch {epoch}: train loss {train_loss:.4f} val top-1 {top1:.2f}% top-5 {top5:.2f}%{maes} "
