@@ -136,7 +136,7 @@ def fused_attention(q, k, v, bias, labels, scale: float):
         G = bias[..., 0, 0, 0].numel()
         q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
         bias = bias.reshape(1, G * h, N, N)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).view(B, h, N, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
     if labels is None:
         return out, None
     return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
