@@ -11,10 +11,9 @@ Modes, each a full training step (CutMix, forward, soft-target loss, backward, A
   transmix  TransMix's target from the last class-token attention (class-token models only)
 Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike;
 the figures are medians over the repetitions. Peak memory: CUDA's max_memory_allocated, or on the CPU
-the growth of the peak resident set of a fresh process running that mode alone (ru_maxrss).
+the growth of the peak resident set (VmHWM) of a fresh process running that mode alone.
 """
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,12 +94,17 @@ def probe_memory(args, name, mode, fused):
     device = torch.device("cpu")
     model, opt = build(name, fused, device, args.num_classes)
     step = make_step(model, opt, mode, args.batch_size, device, autocast_for(args, device), args.num_classes)
-    with open("/proc/self/statm") as f:
-        before_kb = int(f.read().split()[1]) * resource.getpagesize() / 1024
+    before_kb = status_kb("VmRSS")
     for _ in range(3):
         step()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{(peak_kb - before_kb) / 1024:.1f}")
+    print(f"{(status_kb('VmHWM') - before_kb) / 1024:.1f}")
+
+
+def status_kb(field):
+    """A field of /proc/self/status in kB. VmHWM, the peak resident set, starts afresh at exec, unlike
+    ru_maxrss, which a child started by fork inherits from its parent."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def autocast_for(args, device):
@@ -150,10 +154,13 @@ def inference_rate(model, batch_size, device, autocast, reps):
     return rate
 
 
-def print_table(rows):
-    ref = {(r["model"], r["attn"]): r for r in rows if r["mode"] == "plain"}
-    print(f"{'model':10s} {'attn':8s} {'mode':9s} {'ms/step':>9s} {'±':>6s} {'img/s':>8s} {'x plain':>8s} "
+HEADER = (f"{'model':10s} {'attn':8s} {'mode':9s} {'ms/step':>9s} {'±':>6s} {'img/s':>8s} {'x plain':>8s} "
           f"{'peak MB':>8s} {'x plain':>8s}")
+
+
+def print_rows(rows):
+    """Table rows; the ratios are to the plain mode of the same model and attention path."""
+    ref = {(r["model"], r["attn"]): r for r in rows if r["mode"] == "plain"}
     for r in rows:
         if r["mode"] == "inference":
             print(f"{r['model']:10s} {r['attn']:8s} {'inference':9s} {'':>9s} {'':>6s} {r['img_s']:8.1f}")
@@ -211,9 +218,11 @@ def main():
         return profile(args, args.model[0], device)
     rows = []
     print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for name in args.model:
+    print(HEADER, flush=True)
+    for name in args.model:  # each model's rows as soon as they are measured
         rows += bench_model(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16), device)
-    print_table(rows)
+        print_rows([r for r in rows if r["model"] == name])
+        sys.stdout.flush()
     summary(rows)
 
 
