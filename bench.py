@@ -38,7 +38,7 @@ def build(name, fused, device, num_classes):
 
 def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes, smoothing=0.1):
     """A closure running one training step of `mode` on a fixed random batch."""
-    p, size = model.patch_embed.proj.kernel_size[0], model.patch_embed.img_size
+    p, size = model.patch_embed.patch_size, model.patch_embed.img_size
     x = torch.randn(batch_size, 3, size, size, device=device)
     y = torch.randint(num_classes, (batch_size,), device=device)
     sources = torch.stack([y, y.flip(0)], dim=1)

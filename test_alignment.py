@@ -40,7 +40,7 @@ def sharpen(model, scale: float = 6.0, seed: int = 0):
 
 
 def patch_size(model) -> int:
-    return model.patch_embed.proj.kernel_size[0]
+    return model.patch_embed.patch_size
 
 
 def random_token_labels(B: int, N: int, K: int, seed: int = 0) -> torch.Tensor:

@@ -251,7 +251,7 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
     if val_set is None or val_set.masks is None:
         return None
     model.eval()
-    info, p = val_set.info, model.patch_embed.proj.kernel_size[0]
+    info, p = val_set.info, model.patch_embed.patch_size
     has_cls = isinstance(model, vit.VisionTransformer)
     errors = {"area": [], "tl": [], "transmix": []}
     with torch.random.fork_rng(devices=[]):  # the same boxes every epoch, the training RNG untouched
@@ -417,8 +417,8 @@ def run(args):
             train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
         train_loss, rate, lr = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
-                                           autocast, info["num_classes"], raw.patch_embed.proj.kernel_size[0],
-                                           epoch, log)
+                                               autocast, info["num_classes"], raw.patch_embed.patch_size,
+                                               epoch, log)
         top1, top5 = evaluate(raw, val_loader, device, autocast)
         mae = label_accuracy(raw, val_set, args, device, autocast) if rank == 0 else None
         best = max(best, top1)

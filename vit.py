@@ -100,7 +100,7 @@ class PatchEmbed(nn.Module):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not a multiple of the patch size {patch_size}")
-        self.img_size, self.grid = img_size, img_size // patch_size
+        self.img_size, self.patch_size, self.grid = img_size, patch_size, img_size // patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
         self.norm = nn.LayerNorm(embed_dim) if norm else nn.Identity()
 
