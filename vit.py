@@ -309,7 +309,6 @@ class WindowAttention(Attention):
 
     def forward(self, x, mask=None, labels=None):
         """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None; labels: (B*nW, ws*ws, K) or None."""
-        n = x.shape[1]
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, n, n)
         if mask is not None:
             bias = bias + mask[:, None]  # (nW, h, n, n), broadcast over the images of the batch
