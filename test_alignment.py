@@ -451,6 +451,24 @@ def test_layer_norm_eps_as_the_checkpoints_expect():
     assert eps(tiny("vit")) == {1e-6} and eps(tiny("swin")) == {1e-5}
 
 
+@pytest.mark.parametrize("mode", ["grid", "pixel"])
+def test_cutmix_truth_counts_the_visible_foreground(mode):
+    torch.manual_seed(3)
+    B, H, W = 4, 12, 12  # even: no image is its own partner
+    x = torch.arange(B, dtype=torch.float).view(B, 1, 1, 1).expand(B, 3, H, W)  # each image one value
+    fg = torch.rand(B, H, W) < 0.3
+    fg[1] = False  # an image without an object: its mixes show only their partner's, or nothing (NaN)
+    xm, w, lam, truth = tl.cutmix_truth(x, fg, 4, mode=mode)
+    # independently: a pixel of mixed image b comes from image b where it holds b's value
+    own = xm[:, 0] == torch.arange(B, dtype=torch.float).view(B, 1, 1)  # (B, H, W)
+    visible = torch.where(own, fg, fg.flip(0))
+    expected = (visible & own).sum((1, 2)).float() / visible.sum((1, 2)).float()
+    assert torch.allclose(truth, expected, equal_nan=True)
+    assert torch.allclose(own.float().mean((1, 2)), torch.full((B,), lam))  # lam is the pixel share
+    all_fg = tl.cutmix_truth(x, torch.ones(B, H, W), 4, mode=mode)
+    assert torch.allclose(all_fg[3], torch.full((B,), all_fg[2]))  # everything foreground: truth = lam
+
+
 def test_cutmix_box_has_the_cutmix_size():
     """An unclipped box has sides 2 * (int(H * sqrt(1 - lam)) // 2), CutMix's rule (Yun et al. 2019)."""
     torch.manual_seed(13)

@@ -88,6 +88,27 @@ def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "gr
     return x_mixed, token_weights, lam
 
 
+def cutmix_truth(x: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
+                 mode: str = "grid", lam: float | None = None):
+    """`cutmix`, and the share of image 1 that the mixed image really shows, from object masks.
+
+    The paper's premise (Sec. 1, Fig. 1): lam counts pixels, but what a mixed image shows of an image
+    is its visible object. With masks that share is measurable: the visible foreground pixels of
+    image 1 over all visible foreground pixels. The masks and the image index ride through cutmix as
+    extra channels, so the truth follows the very pixels the model sees.
+
+    x: (B, C, H, W); foreground: (B, H, W), 1 on the object; alpha, mode, lam as for `cutmix`. Returns
+    x_mixed, token_weights, lam as `cutmix` does, and truth (B,) float (NaN where no object is visible).
+    """
+    B = x.shape[0]
+    fg = foreground[:, None].to(x.dtype)  # (B, 1, H, W)
+    source = torch.arange(B, dtype=x.dtype, device=x.device).view(B, 1, 1, 1).expand_as(fg)
+    mixed, token_weights, lam = cutmix(torch.cat([x, fg, source], 1), patch_size, alpha, mode, lam)
+    fg_mixed, from_1 = mixed[:, -2], mixed[:, -1] == source[:, 0]  # (B, H, W) each
+    truth = (fg_mixed * from_1).sum((1, 2)) / fg_mixed.sum((1, 2))  # 0 / 0 = NaN: nothing visible
+    return mixed[:, :-2], token_weights, lam, truth
+
+
 def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
     """Mixup (Zhang et al. 2018) with the flipped batch: x~ = lam*x + (1-lam)*x.flip(0).
 

@@ -259,14 +259,9 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
         for start in range(0, min(num_images, len(val_set)) - pairs_per_box + 1, pairs_per_box):
             idx = torch.arange(start, start + pairs_per_box)
             x = data.normalize(val_set.images[idx], info["mean"], info["std"])
-            fg = val_set.masks[idx][:, None].float()  # (B, 1, H, W)
-            source = torch.arange(len(idx), dtype=torch.float).view(-1, 1, 1, 1).expand_as(fg)
-            # mix the foreground mask and the image index as extra channels: they follow the pixels
-            mixed, w, lam = tl.cutmix(torch.cat([x, fg, source], 1), p, args.cutmix_alpha, args.cutmix_mode)
-            xm, fg_m, from_1 = mixed[:, :-2], mixed[:, -2], mixed[:, -1] == source[:, 0]
-            fg1, fg_all = (fg_m * from_1).sum((1, 2)), fg_m.sum((1, 2))  # visible foreground of image 1, all
-            keep = fg_all > 0
-            truth = fg1[keep] / fg_all[keep]
+            xm, w, lam, truth = tl.cutmix_truth(x, val_set.masks[idx], p, args.cutmix_alpha, args.cutmix_mode)
+            keep = truth.isfinite()
+            truth = truth[keep]
             with autocast:
                 out = model(xm.to(device), w.to(device), return_cls_attn=True) if has_cls \
                     else model(xm.to(device), w.to(device))
