@@ -118,7 +118,7 @@ def bench_model(args, name, batch_size, device):
     rows = []
     for fused in {"off": [False], "on": [True], "both": [False, True]}[args.fused]:
         model, opt = build(name, fused, device, args.num_classes)
-        modes = [m for m in MODES if m != "transmix" or isinstance(model, vit.VisionTransformer)]
+        modes = [m for m in args.modes if m != "transmix" or isinstance(model, vit.VisionTransformer)]
         steps = {m: make_step(model, opt, m, batch_size, device, autocast, args.num_classes) for m in modes}
         times = {m: [] for m in modes}
         peaks = {m: 0.0 for m in modes}
@@ -178,8 +178,9 @@ def summary(rows):
         for attn in ("explicit", "fused"):
             if (attn, "plain") in get:
                 base = get[(attn, "plain")]["ms"]
-                parts.append(f"{name} {attn}: K=2 {100 * (get[(attn, 'tl_k2')]['ms'] / base - 1):+.1f}%, "
-                             f"K=C {100 * (get[(attn, 'tl_kC')]['ms'] / base - 1):+.1f}%")
+                costs = [f"{label} {100 * (get[(attn, mode)]['ms'] / base - 1):+.1f}%"
+                         for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C")) if (attn, mode) in get]
+                parts.append(f"{name} {attn}: " + ", ".join(costs))
         if ("fused", "plain") in get and ("explicit", "plain") in get:
             parts.append(f"{name} fused/explicit step {get[('fused', 'plain')]['ms'] / get[('explicit', 'plain')]['ms']:.2f}x")
     print("summary: " + "; ".join(parts))
@@ -204,12 +205,15 @@ def main():
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     p.add_argument("--fused", default="both", choices=["off", "on", "both"], help="fused attention")
     p.add_argument("--num-classes", type=int, default=1000, help="C of the K = C mode (ImageNet's 1000)")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="plain is the reference of the ratios")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes (one process each)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "MODE", "FUSED"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if "plain" not in args.modes:
+        p.error("--modes must include plain, the reference of every ratio")
     if args.probe_memory:
         name, mode, fused = args.probe_memory
         return probe_memory(args, name, mode, fused == "1")
