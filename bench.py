@@ -14,6 +14,7 @@ the figures are medians over the repetitions. Peak memory: CUDA's max_memory_all
 the growth of the peak resident set (VmHWM) of a fresh process running that mode alone.
 """
 import argparse
+import math
 import statistics
 import subprocess
 import sys
@@ -135,11 +136,21 @@ def bench_model(args, name, batch_size, device):
             if device.type == "cpu" and not args.no_memory:
                 peaks[m] = cpu_peak_mb(args, name, m, fused, batch_size)
             ms = 1e3 * statistics.median(times[m])
-            rows.append(dict(model=name, attn="fused" if fused else "explicit", mode=m, ms=ms,
-                             img_s=batch_size / ms * 1e3, mem_mb=peaks[m], spread=1e3 * (max(times[m]) - min(times[m]))))
+            # each repetition's step against the plain step next to it: drifts of the machine cancel
+            ratio, lo, hi = median_with_ci([t / p for t, p in zip(times[m], times["plain"])])
+            rows.append(dict(model=name, attn="fused" if fused else "explicit", mode=m, ms=ms, ratio=ratio, lo=lo,
+                             hi=hi, img_s=batch_size / ms * 1e3, mem_mb=peaks[m]))
         rows.append(dict(model=name, attn="fused" if fused else "explicit", mode="inference",
                          img_s=inference_rate(model, batch_size, device, autocast, args.reps)))
     return rows
+
+
+def median_with_ci(values):
+    """The median and its distribution-free 95% confidence interval: the order statistics
+    n/2 -+ 0.98 sqrt(n) (the binomial sign-test interval; about the range for fewer than 6 values)."""
+    v, n = sorted(values), len(values)
+    half = 0.98 * math.sqrt(n)
+    return statistics.median(v), v[max(0, math.floor(n / 2 - half))], v[min(n - 1, math.ceil(n / 2 + half) - 1)]
 
 
 @torch.no_grad()
@@ -154,20 +165,22 @@ def inference_rate(model, batch_size, device, autocast, reps):
     return rate
 
 
-HEADER = (f"{'model':10s} {'attn':8s} {'mode':9s} {'ms/step':>9s} {'±':>6s} {'img/s':>8s} {'x plain':>8s} "
+HEADER = (f"{'model':10s} {'attn':8s} {'mode':9s} {'ms/step':>9s} {'img/s':>8s} {'x plain':>8s} {'95% CI':>15s} "
           f"{'peak MB':>8s} {'x plain':>8s}")
 
 
 def print_rows(rows):
-    """Table rows; the ratios are to the plain mode of the same model and attention path."""
+    """Table rows. Time ratios are the median over repetitions of each step against the plain step of
+    the same repetition, with its 95% interval; memory ratios are to plain of the same model and path."""
     ref = {(r["model"], r["attn"]): r for r in rows if r["mode"] == "plain"}
     for r in rows:
         if r["mode"] == "inference":
-            print(f"{r['model']:10s} {r['attn']:8s} {'inference':9s} {'':>9s} {'':>6s} {r['img_s']:8.1f}")
+            print(f"{r['model']:10s} {r['attn']:8s} {'inference':9s} {'':>9s} {r['img_s']:8.1f}")
             continue
-        a = ref[(r["model"], r["attn"])]
-        print(f"{r['model']:10s} {r['attn']:8s} {r['mode']:9s} {r['ms']:9.1f} {r['spread']:6.1f} {r['img_s']:8.1f} "
-              f"{r['ms'] / a['ms']:8.3f} {r['mem_mb']:8.0f} {r['mem_mb'] / max(a['mem_mb'], 1e-9):8.3f}")
+        mem = r["mem_mb"] / max(ref[(r["model"], r["attn"])]["mem_mb"], 1e-9)
+        ci = f"[{r['lo']:.3f}, {r['hi']:.3f}]"
+        print(f"{r['model']:10s} {r['attn']:8s} {r['mode']:9s} {r['ms']:9.1f} {r['img_s']:8.1f} {r['ratio']:8.3f} "
+              f"{ci:>15s} {r['mem_mb']:8.0f} {mem:8.3f}")
 
 
 def summary(rows):
@@ -177,8 +190,7 @@ def summary(rows):
         get = {(r["attn"], r["mode"]): r for r in rows if r["model"] == name}
         for attn in ("explicit", "fused"):
             if (attn, "plain") in get:
-                base = get[(attn, "plain")]["ms"]
-                costs = [f"{label} {100 * (get[(attn, mode)]['ms'] / base - 1):+.1f}%"
+                costs = [f"{label} {100 * (get[(attn, mode)]['ratio'] - 1):+.1f}%"
                          for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C")) if (attn, mode) in get]
                 parts.append(f"{name} {attn}: " + ", ".join(costs))
         if ("fused", "plain") in get and ("explicit", "plain") in get:

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import bench
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -18,5 +20,11 @@ def test_bench_reports_every_mode_for_both_attention_paths():
             assert ("vit_mini", attn, mode) in modes
         assert ("swin_mini", attn, "transmix") not in modes  # TransMix needs a class token
     plain = [r for r in rows if r[:3] == ["vit_mini", "explicit", "plain"]][0]
-    assert float(plain[6]) == 1.0 and float(plain[3]) > 0  # its own reference; a measured time
+    assert float(plain[5]) == 1.0 and float(plain[3]) > 0  # its own reference; a measured time
     assert p.stdout.splitlines()[-1].startswith("summary: vit_mini explicit: K=2 ")
+
+
+def test_median_interval_is_the_sign_test_one():
+    # n = 25: the 95% interval of the median is the 8th to the 18th value (binomial tables)
+    assert bench.median_with_ci(list(range(25, 0, -1))) == (13, 8, 18)
+    assert bench.median_with_ci([1.0, 3.0]) == (2.0, 1.0, 3.0)  # few values: the range
