@@ -120,7 +120,8 @@ def execute(runs, args):
                 run = todo.pop(0)
                 os.makedirs(run["dir"], exist_ok=True)
                 out = open(os.path.join(run["dir"], "train.out"), "a")
-                proc = subprocess.Popen([sys.executable, *command_now(run)], cwd=HERE, env=env, stdout=out,
+                script, *flags = command_now(run)  # train.py beside this file; paths relative to the caller's
+                proc = subprocess.Popen([sys.executable, os.path.join(HERE, script), *flags], env=env, stdout=out,
                                         stderr=subprocess.STDOUT)
                 running.append((run, proc, out, time.time()))
             time.sleep(0.5)
