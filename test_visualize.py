@@ -1,6 +1,9 @@
 """Tests of visualize.py: the traced token labels, the figures, the errors a user can cause (CPU)."""
+from dataclasses import replace
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import tl_align as tl
@@ -28,13 +31,17 @@ def checkpoint(tmp_path, model_name, dataset="synthetic"):
 def test_trace_ends_at_the_models_label(tmp_path, name):
     _, model = checkpoint(tmp_path, name)
     torch.manual_seed(1)
-    x, w, lam = tl.cutmix(torch.randn(4, 3, 32, 32), model.patch_embed.patch_size, lam=0.4)
+    B, p = 4, model.patch_embed.patch_size
+    source = torch.arange(B, dtype=torch.float).view(B, 1, 1, 1).expand(B, 1, 32, 32)
+    mixed, w, lam = tl.cutmix(torch.cat([torch.randn(B, 3, 32, 32), source], 1), p, lam=0.4)
+    x = mixed[:, :3]
     grids, head = visualize.trace_labels(model, x, w)
     depth = len(model.blocks) if name == "vit_mini" else sum(len(s.blocks) for s in model.layers)
-    assert len(grids) == depth + 1 and head.shape == (4, depth + 1)
-    side = model.patch_embed.grid
-    assert torch.equal(grids[0], w[..., 0].reshape(4, side, side))  # the input: CutMix's token labels
-    assert torch.allclose(head[:, 0], torch.full((4,), lam))  # the mean input token label is lam
+    assert len(grids) == depth + 1 and head.shape == (B, depth + 1)
+    # the input grid is where image 1's pixels are, patch by patch (from the mixed index channel)
+    own = (mixed[:, 3:] == source).float()
+    assert torch.allclose(grids[0], F.avg_pool2d(own, p)[:, 0])
+    assert torch.allclose(head[:, 0], torch.full((B,), lam))  # the mean input token label is lam
     with torch.no_grad():
         label = model(x, w)[1][:, 0]
     assert torch.allclose(head[:, -1], label, atol=1e-6)  # the last entry is what the target uses
@@ -43,15 +50,48 @@ def test_trace_ends_at_the_models_label(tmp_path, name):
         assert [g.shape[-1] for g in grids] == [16, 16, 16, 8, 8, 4, 4]
 
 
-def test_shares_are_the_label_accuracy_inputs(tmp_path):
+def uniform_attention(model):
+    """q = k = 0 and no position bias: attention is uniform over all tokens (Swin: within each window)."""
+    with torch.no_grad():
+        for key, t in model.named_parameters():
+            if "attn.qkv" in key:
+                t[: 2 * t.shape[0] // 3] = 0  # the q and k rows
+            if "relative_position_bias_table" in key:
+                t.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name", ["vit_mini", "swin_mini"])
+def test_trace_after_uniform_attention_is_laid_out_on_the_grid(tmp_path, name):
+    """The first block's labels are then (Y + mean Y) / 2: a map a misplaced grid cannot match."""
+    model = uniform_attention(checkpoint(tmp_path, name)[1])
+    torch.manual_seed(2)
+    x, w, lam = tl.cutmix(torch.randn(2, 3, 32, 32), model.patch_embed.patch_size, lam=0.55)
+    grids, head = visualize.trace_labels(model, x, w)
+    if name == "vit_mini":
+        expected = (grids[0] + lam) / 2  # the class token starts at lam, so the mean over all tokens is lam
+        assert torch.allclose(head[:, 1:], torch.full_like(head[:, 1:], lam), atol=1e-6)
+    else:
+        ws = model.layers[0].blocks[0].ws
+        window_mean = F.avg_pool2d(grids[0][:, None], ws)[:, 0].repeat_interleave(ws, 1).repeat_interleave(ws, 2)
+        expected = (grids[0] + window_mean) / 2
+    assert torch.allclose(grids[1], expected, atol=1e-6)
+
+
+def test_shares_read_image_1(tmp_path):
     _, model = checkpoint(tmp_path, "vit_mini")
     val = data.load_small("synthetic", None, train=False, subset=64)
-    s = visualize.shares(model, val, 4, 64)
+    s = visualize.shares(model, val, 64)
     assert set(s) == {"truth", "area", "tl", "transmix"}
     n = len(s["truth"])
     assert 50 <= n <= 64 and all(len(v) == n for v in s.values())
     assert all(((v >= 0) & (v <= 1)).all() for v in s.values())
     assert len(set(s["area"].tolist())) > 1  # one box per group of 8: many lams
+    everything = replace(val, masks=torch.ones_like(val.masks))  # all foreground: the truth is lam
+    s = visualize.shares(model, everything, 64)
+    assert torch.allclose(s["truth"], s["area"])
+    s = visualize.shares(uniform_attention(model), val, 64)  # the class token stays at lam: a swap would show
+    assert torch.allclose(s["tl"], s["area"], atol=1e-6) and (s["area"] - 0.5).abs().max() > 0.05
 
 
 @pytest.mark.parametrize("name", ["vit_mini", "swin_mini"])

@@ -109,6 +109,36 @@ def cutmix_truth(x: torch.Tensor, foreground: torch.Tensor, patch_size: int, alp
     return mixed[:, :-2], token_weights, lam, truth
 
 
+@torch.no_grad()
+def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
+                  mode: str = "grid", pairs_per_box: int = 8, seed: int = 0, class_token: bool = True):
+    """How right each target is: over CutMix pairs of `images`, the true share of image 1 (see
+    `cutmix_truth`) and the share each target gives it.
+
+    Consecutive groups of pairs_per_box images are mixed with one box each (drawn from `seed`, the
+    caller's RNG untouched). model(x, token_weights) must return (logits, label), and with
+    return_cls_attn=True also the class-token attention if class_token (then TransMix is measured).
+    images: (n, C, H, W) normalized, foreground: (n, H, W). Returns {'truth', 'area', 'tl', 'transmix'
+    (None without a class token)}: (m,) float32 tensors on the CPU, the pairs with no visible object
+    dropped.
+    """
+    device = next(model.parameters()).device
+    out = {"truth": [], "area": [], "tl": [], "transmix": []}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, len(images) - pairs_per_box + 1, pairs_per_box):
+            x, fg = images[start:start + pairs_per_box], foreground[start:start + pairs_per_box]
+            xm, w, lam, truth = cutmix_truth(x, fg, patch_size, alpha, mode)
+            keep = truth.isfinite()
+            result = model(xm.to(device), w.to(device), **({"return_cls_attn": True} if class_token else {}))
+            out["truth"].append(truth[keep])
+            out["area"].append(torch.full((int(keep.sum()),), lam))
+            out["tl"].append(result[1][:, 0].float().cpu()[keep])
+            if class_token:
+                out["transmix"].append(transmix_lambda(result[2].float().cpu(), w, lam)[:, 0][keep])
+    return {k: (torch.cat(v) if v else None) for k, v in out.items()}
+
+
 def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
     """Mixup (Zhang et al. 2018) with the flipped batch: x~ = lam*x + (1-lam)*x.flip(0).
 

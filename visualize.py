@@ -77,27 +77,13 @@ def trace_labels(model, x, token_weights):
     return [first.reshape(-1, side, side)] + grids, torch.stack([first.mean(1)] + heads, dim=1)
 
 
-@torch.no_grad()
-def shares(model, val_set, patch_size, num_images, alpha=1.0, mode="grid", pairs_per_box=8, seed=0):
-    """Over CutMix pairs of validation images (one box per group of pairs_per_box images): the true share
-    of image 1 and each target's share. Returns {'truth', 'area', 'tl', 'transmix' (class-token models
-    only)}: 1-d tensors, the pairs with no visible object dropped."""
-    info, has_cls = val_set.info, isinstance(model, vit.VisionTransformer)
-    out = {"truth": [], "area": [], "tl": [], "transmix": []}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, min(num_images, len(val_set)) - pairs_per_box + 1, pairs_per_box):
-            idx = torch.arange(start, start + pairs_per_box)
-            x = data.normalize(val_set.images[idx], info["mean"], info["std"])
-            xm, w, lam, truth = tl.cutmix_truth(x, val_set.masks[idx], patch_size, alpha, mode)
-            keep = truth.isfinite()
-            result = model(xm, w, return_cls_attn=True) if has_cls else model(xm, w)
-            out["truth"].append(truth[keep])
-            out["area"].append(torch.full((int(keep.sum()),), lam))
-            out["tl"].append(result[1][:, 0][keep])
-            if has_cls:
-                out["transmix"].append(tl.transmix_lambda(result[2], w, lam)[:, 0][keep])
-    return {k: torch.cat(v) for k, v in out.items() if v}
+def shares(model, val_set, num_images, alpha=1.0, mode="grid", seed=0):
+    """tl_align.target_shares on the first num_images validation images (one box per 8 pairs)."""
+    info = val_set.info
+    x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
+    s = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size, alpha, mode, seed=seed,
+                         class_token=isinstance(model, vit.VisionTransformer))
+    return {k: v for k, v in s.items() if v is not None}
 
 
 def show_image(ax, image, mean, std):
@@ -155,8 +141,7 @@ def tokens_figure(plt, model, args, val_set, num_pairs, box_lam, seed, path):
 
 
 def shares_figure(plt, model, args, val_set, num_images, seed, path):
-    s = shares(model, val_set, model.patch_embed.patch_size, num_images, args["cutmix_alpha"], args["cutmix_mode"],
-               seed=seed)
+    s = shares(model, val_set, num_images, args["cutmix_alpha"], args["cutmix_mode"], seed)
     names = [("area", "area lam (CutMix)"), ("tl", "TL-Align"), ("transmix", "TransMix")]
     names = [(k, t) for k, t in names if k in s]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
@@ -194,8 +179,9 @@ def main(argv=None):
             raise VisualizeError(f"{args.checkpoint} was trained on {run_args['data']}, which has no object masks; "
                                  f"visualize.py needs a synthetic, mnist or fashion_mnist run")
         val_set = data.load_small(run_args["data"], args.data_path or run_args.get("data_path"), train=False)
-        if args.pairs < 1 or args.images < 8:
-            raise VisualizeError(f"--pairs {args.pairs} --images {args.images}: need at least 1 pair and 8 images")
+        if args.pairs < 1 or args.images < 8 or not 0 <= args.lam <= 1:
+            raise VisualizeError(f"--pairs {args.pairs} --images {args.images} --lam {args.lam}: need at least "
+                                 f"1 pair, 8 images and 0 <= lam <= 1")
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:
         print(f"error: --out-dir {args.out_dir} cannot be created ({e.strerror}); choose a writable directory",
