@@ -9,9 +9,12 @@ Modes, each a full training step (CutMix, forward, soft-target loss, backward, A
   tl_k2     TL-Align tracking K = 2 source weights per token (this repository)
   tl_kC     TL-Align pushing full C-class token labels, (B, N, C) per layer (the official formulation)
   transmix  TransMix's target from the last class-token attention (class-token models only)
-Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike;
-the figures are medians over the repetitions. Peak memory: CUDA's max_memory_allocated, or on the CPU
-the growth of the peak resident set (VmHWM) of a fresh process running that mode alone.
+Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike.
+Times are medians over the repetitions; a mode's time ratio is the median of its step against the plain
+step of the same repetition, with the 95% interval of that median. Peak memory: CUDA's
+max_memory_allocated, or on the CPU the growth of the peak resident set (VmHWM) of a fresh process
+running that mode alone. Saved memory: the bytes autograd keeps for the backward (the activations),
+exact and free of allocator noise.
 """
 import argparse
 import math
@@ -44,9 +47,11 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
     y = torch.randint(num_classes, (batch_size,), device=device)
     sources = torch.stack([y, y.flip(0)], dim=1)
 
-    def step():
+    def step(record=None):
+        """One step; record(t), if given, sees every tensor autograd saves for the backward."""
         xm, w, lam = tl.cutmix(x, p)
-        with autocast:
+        saving = torch.autograd.graph.saved_tensors_hooks(record, lambda t: t) if record else nullcontext()
+        with autocast, saving:
             if mode == "plain":
                 logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
             elif mode == "tl_k2":
@@ -66,6 +71,21 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
         loss.backward()
         optimizer.step()
     return step
+
+
+def saved_mb(step, model):
+    """MB of the tensors autograd keeps for the backward of one step, parameters excluded: the
+    activation memory, exact and alike on every device (peak memory adds transients and allocators)."""
+    params = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    storages = {}
+
+    def record(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    step(record)
+    return sum(storages.values()) / 2 ** 20
 
 
 def timed(fn, device):
@@ -132,6 +152,7 @@ def bench_model(args, name, batch_size, device):
                     times[m].append(t)
                 if device.type == "cuda":
                     peaks[m] = max(peaks[m], torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        saved = {m: saved_mb(steps[m], model) for m in modes}
         for m in modes:
             if device.type == "cpu" and not args.no_memory:
                 peaks[m] = cpu_peak_mb(args, name, m, fused, batch_size)
@@ -139,7 +160,7 @@ def bench_model(args, name, batch_size, device):
             # each repetition's step against the plain step next to it: drifts of the machine cancel
             ratio, lo, hi = median_with_ci([t / p for t, p in zip(times[m], times["plain"])])
             rows.append(dict(model=name, attn="fused" if fused else "explicit", mode=m, ms=ms, ratio=ratio, lo=lo,
-                             hi=hi, img_s=batch_size / ms * 1e3, mem_mb=peaks[m]))
+                             hi=hi, img_s=batch_size / ms * 1e3, mem_mb=peaks[m], saved_mb=saved[m]))
         rows.append(dict(model=name, attn="fused" if fused else "explicit", mode="inference",
                          img_s=inference_rate(model, batch_size, device, autocast, args.reps)))
     return rows
@@ -166,7 +187,7 @@ def inference_rate(model, batch_size, device, autocast, reps):
 
 
 HEADER = (f"{'model':10s} {'attn':8s} {'mode':9s} {'ms/step':>9s} {'img/s':>8s} {'x plain':>8s} {'95% CI':>15s} "
-          f"{'peak MB':>8s} {'x plain':>8s}")
+          f"{'peak MB':>8s} {'x plain':>8s} {'saved MB':>8s} {'x plain':>8s}")
 
 
 def print_rows(rows):
@@ -177,10 +198,11 @@ def print_rows(rows):
         if r["mode"] == "inference":
             print(f"{r['model']:10s} {r['attn']:8s} {'inference':9s} {'':>9s} {r['img_s']:8.1f}")
             continue
-        mem = r["mem_mb"] / max(ref[(r["model"], r["attn"])]["mem_mb"], 1e-9)
+        base = ref[(r["model"], r["attn"])]
         ci = f"[{r['lo']:.3f}, {r['hi']:.3f}]"
         print(f"{r['model']:10s} {r['attn']:8s} {r['mode']:9s} {r['ms']:9.1f} {r['img_s']:8.1f} {r['ratio']:8.3f} "
-              f"{ci:>15s} {r['mem_mb']:8.0f} {mem:8.3f}")
+              f"{ci:>15s} {r['mem_mb']:8.0f} {r['mem_mb'] / max(base['mem_mb'], 1e-9):8.3f} "
+              f"{r['saved_mb']:8.1f} {r['saved_mb'] / base['saved_mb']:8.3f}")
 
 
 def summary(rows):
