@@ -244,33 +244,21 @@ def evaluate(model, loader, device, autocast):
 def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs_per_box=64):
     """Mean absolute error of each target's share of image 1 against the visible-foreground truth.
 
-    The paper's analysis of how right a target is: on fixed CutMix pairs of validation images, the
-    true share of image 1 is its visible foreground pixels over all visible foreground pixels. Returns
-    {'area': mae, 'tl': mae, 'transmix': mae or None}, or None if the data set has no masks.
+    The paper's analysis of how right a target is (tl_align.target_shares), on the same CutMix pairs
+    of validation images every epoch. Returns {'area': mae, 'tl': mae, 'transmix': mae or None}, or
+    None if the data set has no masks.
     """
     if val_set is None or val_set.masks is None:
         return None
     model.eval()
-    info, p = val_set.info, model.patch_embed.patch_size
-    has_cls = isinstance(model, vit.VisionTransformer)
-    errors = {"area": [], "tl": [], "transmix": []}
-    with torch.random.fork_rng(devices=[]):  # the same boxes every epoch, the training RNG untouched
-        torch.manual_seed(12345)
-        for start in range(0, min(num_images, len(val_set)) - pairs_per_box + 1, pairs_per_box):
-            idx = torch.arange(start, start + pairs_per_box)
-            x = data.normalize(val_set.images[idx], info["mean"], info["std"])
-            xm, w, lam, truth = tl.cutmix_truth(x, val_set.masks[idx], p, args.cutmix_alpha, args.cutmix_mode)
-            keep = truth.isfinite()
-            truth = truth[keep]
-            with autocast:
-                out = model(xm.to(device), w.to(device), return_cls_attn=True) if has_cls \
-                    else model(xm.to(device), w.to(device))
-            errors["area"].append((lam - truth).abs())
-            errors["tl"].append((out[1][:, 0].float().cpu()[keep] - truth).abs())
-            if has_cls:
-                lam_tm = tl.transmix_lambda(out[2].cpu(), w, lam)[:, 0]
-                errors["transmix"].append((lam_tm[keep] - truth).abs())
-    return {k: (torch.cat(v).mean().item() if v else None) for k, v in errors.items()}
+    info = val_set.info
+    x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
+    with autocast:
+        shares = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
+                                  args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345,
+                                  class_token=isinstance(model, vit.VisionTransformer))
+    return {k: (None if shares[k] is None else (shares[k] - shares["truth"]).abs().mean().item())
+            for k in ("area", "tl", "transmix")}
 
 
 # ----------------------------------------------------------------------------- training
