@@ -167,7 +167,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", help="best.pt or checkpoint.pt of a train.py run")
     p.add_argument("--pairs", type=int, default=4, help="rows of tokens.png")
-    p.add_argument("--lam", type=float, default=0.5, help="area lam of the boxes of tokens.png (placed at random)")
+    p.add_argument("--lam", type=float, default=0.5,
+                   help="lam the boxes of tokens.png are drawn for, at random places (clipping and CutMix's even "
+                        "sides make the actual lam, in each title, larger)")
     p.add_argument("--images", type=int, default=2000, help="validation images of shares.png")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="figures")
