@@ -1,6 +1,6 @@
 """CutMix's area target, TransMix and TL-Align side by side, over seeds: the evidence of paper Sec. 4.
 
-    python compare.py                      # the default matrix (42 runs) on a 2-core CPU, see BUDGET
+    python compare.py                      # the default matrix: 42 runs, 88 min on a 2-core CPU
     python compare.py --seeds 0 1 2 3 4 --epochs 30 --subset 0 --jobs 1 -- --device cuda   # a GPU budget
     python compare.py --report             # only rewrite results.md from the runs on disk
 
@@ -39,7 +39,7 @@ DATASETS = ["synthetic", "fashion_mnist"]
 MODELS = ["vit_mini", "swin_mini"]
 TARGETS = ["none", "area", "transmix", "tl_align"]
 # The default budget per data set, (epochs, training subset; 0 = all): 40k and 36k training images a run.
-# The whole matrix took 86 min on this project's 2-core CPU with --jobs 2. The recipe is train.py's own.
+# The whole matrix took 88 min on this project's 2-core CPU with --jobs 2. The recipe is train.py's own.
 BUDGET = {"synthetic": (2, 0), "fashion_mnist": (3, 12000)}
 # flags of train.py that compare.py sets itself, per run
 OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--seed", "--epochs", "--subset", "--output-dir", "--resume"}
