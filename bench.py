@@ -216,7 +216,8 @@ def summary(rows):
                          for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C")) if (attn, mode) in get]
                 parts.append(f"{name} {attn}: " + ", ".join(costs))
         if ("fused", "plain") in get and ("explicit", "plain") in get:
-            parts.append(f"{name} fused/explicit step {get[('fused', 'plain')]['ms'] / get[('explicit', 'plain')]['ms']:.2f}x")
+            speed = get[("fused", "plain")]["ms"] / get[("explicit", "plain")]["ms"]
+            parts.append(f"{name} fused/explicit step {speed:.2f}x")
     print("summary: " + "; ".join(parts))
 
 
