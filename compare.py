@@ -32,6 +32,7 @@ import torch
 
 import data
 import tl_align as tl
+import visualize
 import vit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -191,20 +192,11 @@ def label_errors(run, images, val_sets):
     path = os.path.join(run["dir"], f"label_errors_{images}.json")
     if os.path.exists(path):
         return read_json(path, None)
+    model, args = visualize.load(os.path.join(run["dir"], "checkpoint.pt"))
     if run["data"] not in val_sets:
-        val_sets[run["data"]] = data.load_small(run["data"], None, train=False)
-    val_set, info = val_sets[run["data"]], data.DATASETS[run["data"]]
-    model = vit.create_model(run["model"], num_classes=info["num_classes"], img_size=info["img_size"],
-                             in_chans=info["in_chans"])
-    ckpt = torch.load(os.path.join(run["dir"], "checkpoint.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(ckpt["model"])
-    args = ckpt["args"]
-    x = data.normalize(val_set.images[:images], info["mean"], info["std"])
-    shares = tl.target_shares(model.eval(), x, val_set.masks[:images], model.patch_embed.patch_size,
-                              args["cutmix_alpha"], args["cutmix_mode"],
-                              class_token=isinstance(model, vit.VisionTransformer))
-    errors = {k: (None if shares[k] is None else (shares[k] - shares["truth"]).abs().mean().item())
-              for k in ("area", "tl", "transmix")}
+        val_sets[run["data"]] = data.load_small(run["data"], args.get("data_path"), train=False)
+    errors = tl.share_errors(visualize.shares(model, val_sets[run["data"]], images, args["cutmix_alpha"],
+                                              args["cutmix_mode"]))
     write_json(path, errors)
     return errors
 

@@ -139,6 +139,13 @@ def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_s
     return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
 
+def share_errors(shares: dict) -> dict:
+    """Mean absolute error of each target's share against the truth, from `target_shares`' output:
+    {'area', 'tl', 'transmix'} floats, None for a target that was not measured."""
+    return {k: (None if shares.get(k) is None else (shares[k] - shares["truth"]).abs().mean().item())
+            for k in ("area", "tl", "transmix")}
+
+
 def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
     """Mixup (Zhang et al. 2018) with the flipped batch: x~ = lam*x + (1-lam)*x.flip(0).
 

@@ -108,7 +108,7 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
-    if args.target == "transmix" and not args.model.startswith(("deit", "vit")):
+    if args.target == "transmix" and vit.PRESETS[args.model]["family"] != "vit":
         raise UserError(f"--target transmix needs a class-token model (deit_*, vit_mini), not {args.model}: "
                         f"TransMix is defined on the class token's attention")
 
@@ -257,8 +257,7 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
         shares = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
                                   args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345,
                                   class_token=isinstance(model, vit.VisionTransformer))
-    return {k: (None if shares[k] is None else (shares[k] - shares["truth"]).abs().mean().item())
-            for k in ("area", "tl", "transmix")}
+    return tl.share_errors(shares)
 
 
 # ----------------------------------------------------------------------------- training

@@ -49,6 +49,11 @@ def load(path):
     return model.eval(), args
 
 
+def blocks_of(model):
+    """The transformer blocks in the order they run (Swin: over all stages)."""
+    return list(model.blocks) if isinstance(model, vit.VisionTransformer) else [b for s in model.layers for b in s.blocks]
+
+
 def trace_labels(model, x, token_weights):
     """The token labels after every block: a list over blocks of the share of image 1 per token on the
     token grid (B, h, w), and the classifier's share of image 1 per block (B, L + 1), input included."""
@@ -64,8 +69,7 @@ def trace_labels(model, x, token_weights):
             grids.append(labels)
             heads.append(labels.mean(dim=(1, 2)))
 
-    blocks = model.blocks if isinstance(model, vit.VisionTransformer) else [b for s in model.layers for b in s.blocks]
-    hooks = [b.register_forward_hook(keep) for b in blocks]
+    hooks = [b.register_forward_hook(keep) for b in blocks_of(model)]
     try:
         with torch.no_grad():
             model(x, token_weights)
@@ -97,7 +101,7 @@ def tokens_figure(plt, model, args, val_set, num_pairs, box_lam, seed, path):
     info, p = val_set.info, model.patch_embed.patch_size
     torch.manual_seed(seed)
     picks = torch.randperm(len(val_set))[:2 * num_pairs].view(num_pairs, 2)
-    depth = len(model.blocks) if isinstance(model, vit.VisionTransformer) else sum(len(s.blocks) for s in model.layers)
+    depth = len(blocks_of(model))
     shown = sorted({1, depth // 2, depth})  # the input plus these layers as heat maps
     columns = 3 + len(shown) + 1  # mixed image, truth, input tokens, the shown layers, the curve
     fig, axes = plt.subplots(num_pairs, columns, figsize=(2.3 * columns, 2.3 * num_pairs), squeeze=False)
@@ -144,9 +148,9 @@ def shares_figure(plt, model, args, val_set, num_images, seed, path):
     s = shares(model, val_set, num_images, args["cutmix_alpha"], args["cutmix_mode"], seed)
     names = [("area", "area lam (CutMix)"), ("tl", "TL-Align"), ("transmix", "TransMix")]
     names = [(k, t) for k, t in names if k in s]
+    errors = tl.share_errors(s)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], names):
-        err = (s[key] - s["truth"]).abs().mean().item()
         r = torch.corrcoef(torch.stack([s[key], s["truth"]]))[0, 1].item()
         ax.scatter(s["truth"].numpy(), s[key].numpy(), s=4, alpha=0.4)
         ax.plot([0, 1], [0, 1], color="gray", lw=1)
@@ -154,13 +158,13 @@ def shares_figure(plt, model, args, val_set, num_images, seed, path):
         ax.set_ylim(0, 1)
         ax.set_xlabel("true share of image 1 (visible foreground)", fontsize=8)
         ax.set_ylabel(f"{title} share of image 1", fontsize=8)
-        ax.set_title(f"{title}: MAE {err:.3f}, r {r:.2f}", fontsize=9)
+        ax.set_title(f"{title}: MAE {errors[key]:.3f}, r {r:.2f}", fontsize=9)
     fig.suptitle(f"{args['model']} on {args['data']}: {len(s['truth'])} CutMix pairs of validation images",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {k: (s[k] - s["truth"]).abs().mean().item() for k, _ in names}
+    return {k: errors[k] for k, _ in names}
 
 
 def main(argv=None):
