@@ -334,18 +334,45 @@ def test_mixup_is_the_convex_combination():
 
 # 8. Autocast ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_label_is_float32_under_bf16_autocast(family):
+def test_labels_targets_and_loss_are_float32_under_autocast(family, fused, dtype):
+    """The whole target side of a training step stays float32 under autocast, on both attention paths:
+    the aligned label (against a float64 model), the class target (rows sum to 1 to 1e-6, equal to
+    the one computed outside autocast) and the loss. The fused path is no less precise than the
+    explicit one: its label columns would otherwise come out of the kernel rounded to bf16 / fp16."""
     torch.manual_seed(10)
     model = tiny(family)
-    xm, w, _ = tl.cutmix(torch.randn(3, 3, 32, 32), patch_size(model), mode="pixel")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, label = model(xm, w)
-    assert logits.dtype == torch.bfloat16 and label.dtype == torch.float32
-    assert (label.sum(-1) - 1).abs().max() < 1e-5
+    xm, w, _ = tl.cutmix(torch.randn(6, 3, 32, 32), patch_size(model), mode="pixel")
+    sources = torch.stack([torch.arange(6), torch.arange(6).flip(0)], 1) % 7
     with torch.no_grad():
-        _, label32 = model(xm, w)
-    assert (label - label32).abs().max() < 2e-2  # bf16 attention, same labels to its precision
+        _, exact = copy.deepcopy(model).double()(xm.double(), w.double())
+    errors = {}
+    for path in sorted({False, fused}):
+        m = fused_twin(model) if path else model
+        with torch.autocast("cpu", dtype=dtype):
+            logits, label = m(xm, w)
+            target = tl.class_target(label, sources, 7, smoothing=0.1)
+            loss = tl.soft_cross_entropy(logits, target)
+        assert logits.dtype == dtype
+        assert label.dtype == target.dtype == loss.dtype == torch.float32
+        assert (label.sum(-1) - 1).abs().max() < 1e-6 and (target.sum(-1) - 1).abs().max() < 1e-6
+        assert torch.equal(target, tl.class_target(label, sources, 7, smoothing=0.1))
+        errors[path] = (label.double() - exact).abs().max().item()
+    assert errors[False] < (5e-4 if dtype == torch.bfloat16 else 1e-4)  # from the low-precision logits alone
+    assert errors[fused] <= 2 * errors[False]
+
+
+def test_class_target_ignores_autocast():
+    """A weighted sum of one-hot rows: under bf16 autocast an einsum would round it to ~2e-3."""
+    w = torch.rand(64, 2).softmax(-1)
+    sources = torch.randint(0, 1000, (64, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t = tl.class_target(w, sources, 1000, smoothing=0.1)
+    onehot = F.one_hot(sources, 1000).double() * 0.9 + 0.1 / 1000
+    assert t.dtype == torch.float32
+    assert (t.double() - (w.double()[:, :, None] * onehot).sum(1)).abs().max() < 1e-7
 
 
 # Architecture facts --------------------------------------------------------------------------------

@@ -202,8 +202,14 @@ def transmix_lambda(cls_attn: torch.Tensor, token_weights: torch.Tensor, lam: fl
 
 
 def area_weights(lam: float, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The plain CutMix / Mixup label (paper Eq. (1): y~ = lam*y1 + (1-lam)*y2) as (B, 2) weights."""
-    return torch.tensor([lam, 1.0 - lam], device=device).expand(batch_size, 2)
+    """The plain CutMix / Mixup label (paper Eq. (1): y~ = lam*y1 + (1-lam)*y2) as (B, 2) float32 weights.
+
+    Built by fill kernels on the device: torch.tensor([lam, ...], device='cuda') would be a blocking
+    host-to-device copy every step.
+    """
+    weights = torch.full((batch_size, 2), 1.0 - lam, device=device)
+    weights[:, 0] = lam
+    return weights
 
 
 def class_target(weights: torch.Tensor, source_labels: torch.Tensor, num_classes: int,
@@ -216,7 +222,9 @@ def class_target(weights: torch.Tensor, source_labels: torch.Tensor, num_classes
     """
     onehot = F.one_hot(source_labels, num_classes).float()  # (B, K, C)
     onehot = onehot * (1.0 - smoothing) + smoothing / num_classes
-    return torch.einsum("bk,bkc->bc", weights.float(), onehot)
+    # a broadcast product and a sum, not einsum: autocast would run einsum as a bf16 / fp16 bmm, whose
+    # rounding (~2e-3) is as large as TL-Align's whole correction |label - lam|
+    return (weights.float()[:, :, None] * onehot).sum(dim=1)  # (B, C) float32 under any autocast
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

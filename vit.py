@@ -118,28 +118,47 @@ def fused_attention(q, k, v, bias, labels, scale: float):
     next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
     with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
     so no gradient flows through them and the gradients of q, k, v are those of plain attention.
+    In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
+    as large as TL-Align's whole correction): there a second call, without gradient, computes them from
+    the same q and k in float32.
 
     q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
     labels: (B, N, K) or None. Returns out (B, h, N, d) and mean_h(A_h Y) (B, N, K) float32 or None.
     """
     B, h, N, d = q.shape
-    if labels is not None:
-        K = labels.shape[-1]
-        pad = -(d + K) % 8
-        y = labels.detach().to(v.dtype)[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
-        zeros = q.new_zeros(B, h, N, K + pad)
-        q, k = torch.cat([q, zeros], -1), torch.cat([k, zeros], -1)  # (B, h, N, d + K + pad)
-        v = torch.cat([v, y, zeros[..., :pad]], -1)
+    if labels is None:
+        return _sdpa(q, k, v, bias, scale), None
+    K = labels.shape[-1]
+    y = labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
+    if v.dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            width = -max(d, K) // 8 * -8  # one width for q, k and the labels
+            q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
+            y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
+        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1)
+    width = -(d + K) // 8 * -8
+    out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
+    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
+
+
+def _pad(t, width: int):
+    """Zero columns on the right of the head dimension: (..., d) -> (..., width)."""
+    return F.pad(t, (0, width - t.shape[-1]))
+
+
+def _sdpa(q, k, v, bias, scale: float):
+    """scaled_dot_product_attention with a bias that broadcasts over leading groups of the batch.
+
+    Kernels take a 4-d mask broadcast over the batch: the bias's own batch (Swin's nW windows, the inner
+    factor of B) is folded into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous.
+    q, k: (B, h, N, d'), v: (B, h, N, e), bias: (..., h, N, N) or None. Returns (B, h, N, e).
+    """
+    B, h, N, _ = q.shape
     if bias is not None:
-        # kernels take a 4-d mask broadcast over the batch: fold the bias's own batch (Swin's nW windows,
-        # the inner factor of B) into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous
         G = bias[..., 0, 0, 0].numel()
         q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
         bias = bias.reshape(1, G * h, N, N)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
-    if labels is None:
-        return out, None
-    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
 
 
 class Attention(nn.Module):
