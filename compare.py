@@ -1,24 +1,29 @@
-"""CutMix's area target, TransMix and TL-Align side by side, over seeds: the evidence of paper Sec. 4.
+"""No mixing, CutMix's area target (box on the patch grid and on pixels), DeiT's Mixup/CutMix switch,
+TransMix and TL-Align side by side, paired by seed, in a regime where CutMix pays: the evidence of
+paper Sec. 4 at a CPU's budget.
 
-    python compare.py                      # the default matrix: 42 runs, 88 min on a 2-core CPU
-    python compare.py --seeds 0 1 2 3 4 --epochs 30 --subset 0 --jobs 1 -- --device cuda   # a GPU budget
+    python compare.py                      # the default matrix (see the top of results.md for its wall time)
+    python compare.py --arms none area --seeds 0 1 2      # the pilot alone: does CutMix beat no mixing here?
     python compare.py --report             # only rewrite results.md from the runs on disk
+    python compare.py --seeds 0 1 2 --data cifar100 --subset 0 --epochs 300 -- --device cuda   # a GPU budget
 
-The matrix: data sets {synthetic, fashion_mnist} x models {vit_mini, swin_mini} x targets {none (no
-mixing, the floor), area (CutMix, paper Eq. (1)), transmix (class-token models only), tl_align} x seeds.
-Every run is `python train.py ...` in its own directory, OUT/<data>-e<epochs>-n<subset>/<model>/<target>/
-seed<seed>, which keeps the command that made it (cmd.json): another command never reuses its runs. The
-matrix is resumable: a finished run (all its epochs in log.jsonl) is not run again, and a run cut short
-continues from its checkpoint.
+The regime (REGIME): Fashion-MNIST, the first 1,000 training images, 100 epochs, CutMix the only
+augmentation (no crop or flip, no drop path): small enough that a 0.68M-parameter ViT memorises its data
+without mixing, so that CutMix's regularisation has something to fix (PAPER.md, calibration). The arms
+(ARMS) are train.py flag sets; every run is `python train.py ...` in its own directory,
+OUT/<data>-e<epochs>-n<subset>/<model>/<arm>/seed<seed>, which keeps the command that made it (cmd.json):
+another command never reuses its runs. The matrix is resumable: a finished run (all its epochs in
+log.jsonl) is not run again, and a run cut short continues from its checkpoint.
 
-results.md, per data set and model, mean and standard deviation over seeds of: the final and best
-validation top-1; their differences to the area target of the same seed; the label errors of the final
-model (the mean absolute error of the area, TL-Align and TransMix shares of image 1 against the
-visible-foreground truth, on --label-images validation images, tl_align.target_shares); with the
-commands and the wall time.
+results.md, per model: the pilot (no mixing against CutMix), then per arm the final test top-1 (mean and
+std over seeds) and its paired difference to the area target with a 95% interval; the label errors of
+the final models (the mean absolute error of the area, TL-Align and TransMix shares of image 1 against
+the visible-foreground truth, tl_align.target_shares); the commands and the wall time. Only the final
+epoch is reported: picking the best epoch would select on the test set.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import shlex
@@ -36,20 +41,30 @@ import visualize
 import vit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DATASETS = ["synthetic", "fashion_mnist"]
+# The regime: data set, training images (0 = all), epochs, and the train.py flags that make CutMix the only
+# augmentation; 5 warm-up epochs of 100 as in PAPER.md's calibration; the test set evaluated every 25 epochs.
+REGIME = dict(data="fashion_mnist", subset=1000, epochs=100,
+              flags=["--no-augment", "--drop-path", "0", "--warmup-epochs", "5", "--eval-every", "25", "--compile"])
+# name: the train.py flags of the arm. CutMix's box is drawn on the patch grid (the official TL-Align code)
+# unless the name says pixel; DeiT's switch uses timm's pixel box, as DeiT does.
+ARMS = {
+    "none":       ["--mix", "none"],
+    "area":       ["--mix", "cutmix", "--target", "area"],
+    "area_pixel": ["--mix", "cutmix", "--target", "area", "--cutmix-mode", "pixel"],
+    "deit":       ["--mix", "both", "--target", "area", "--cutmix-mode", "pixel"],
+    "transmix":   ["--mix", "cutmix", "--target", "transmix"],
+    "tl_align":   ["--mix", "cutmix", "--target", "tl_align"],
+}
+PILOT = ["none", "area"]  # run first: the matrix means something only if CutMix pays in the regime
 MODELS = ["vit_mini", "swin_mini"]
-TARGETS = ["none", "area", "transmix", "tl_align"]
-# The default budget per data set, (epochs, training subset; 0 = all): 40k and 36k training images a run.
-# The whole matrix took 88 min on this project's 2-core CPU with --jobs 2. The recipe is train.py's own.
-BUDGET = {"synthetic": (2, 0), "fashion_mnist": (3, 12000)}
 # flags of train.py that compare.py sets itself, per run
-OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--seed", "--epochs", "--subset", "--output-dir", "--resume"}
+OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--cutmix-mode", "--seed", "--epochs", "--subset",
+             "--output-dir", "--resume"}
 
 
 def train_command(run, extra):
-    """The train.py command line of one run (a dict with data, model, target, seed, epochs, subset, dir)."""
-    mixing = ["--mix", "none"] if run["target"] == "none" else ["--target", run["target"]]
-    cmd = ["train.py", "--data", run["data"], "--model", run["model"], *mixing, "--seed", str(run["seed"]),
+    """The train.py command line of one run (a dict with data, model, arm, seed, epochs, subset, dir)."""
+    cmd = ["train.py", "--data", run["data"], "--model", run["model"], *ARMS[run["arm"]], "--seed", str(run["seed"]),
            "--epochs", str(run["epochs"])]
     if run["subset"]:
         cmd += ["--subset", str(run["subset"])]
@@ -57,20 +72,20 @@ def train_command(run, extra):
 
 
 def plan(args):
-    """Every run of the matrix, in the order they are started (seed-major, so that a partial matrix
-    already compares all targets)."""
+    """Every run of the matrix, in the order they are started: the pilot's arms over all seeds first, then
+    the other arms seed by seed, so that a partial matrix already answers the pilot and pairs its arms."""
     runs = []
-    for seed in args.seeds:
-        for name in args.data:
-            epochs, subset = args.epochs or BUDGET[name][0], BUDGET[name][1] if args.subset is None else args.subset
-            for model in args.models:
-                for target in args.targets:
-                    if target == "transmix" and vit.PRESETS[model]["family"] != "vit":
-                        continue  # TransMix reads the class token's attention
-                    run = dict(data=name, model=model, target=target, seed=seed, epochs=epochs, subset=subset)
-                    run["dir"] = os.path.join(args.out, f"{name}-e{epochs}-n{subset}", model, target, f"seed{seed}")
-                    run["cmd"] = train_command(run, args.train_args)
-                    runs.append(run)
+    for model in args.models:
+        order = [(arm, seed) for arm in args.arms if arm in PILOT for seed in args.seeds]
+        order += [(arm, seed) for seed in args.seeds for arm in args.arms if arm not in PILOT]
+        for arm, seed in order:
+            if arm == "transmix" and vit.PRESETS[model]["family"] != "vit":
+                continue  # TransMix reads the class token's attention
+            run = dict(data=args.data, model=model, arm=arm, seed=seed, epochs=args.epochs, subset=args.subset)
+            run["dir"] = os.path.join(args.out, f"{args.data}-e{args.epochs}-n{args.subset}", model, arm,
+                                      f"seed{seed}")
+            run["cmd"] = train_command(run, args.train_args)
+            runs.append(run)
     return runs
 
 
@@ -129,7 +144,7 @@ def add_wall_time(run, seconds):
 
 
 def name_of(run):
-    return f"{run['data']} {run['model']} {run['target']} seed {run['seed']}"
+    return f"{run['model']} {run['arm']} seed {run['seed']}"
 
 
 def last_line(run):
@@ -203,6 +218,25 @@ def label_errors(run, images, val_sets):
 
 # ----------------------------------------------------------------------------- the report
 
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t distribution with df degrees of freedom (p > 1/2), by bisection on
+    its CDF, which is integrated from the density with Simpson's rule: the standard library has no t."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(t, n=2000):  # 1/2 + the integral of the density from 0 to t
+        h = t / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
 def mean_std(values, digits=2):
     """'m ± s' over seeds ('m' for one seed, '' for none)."""
     values = [v for v in values if v is not None]
@@ -213,58 +247,65 @@ def mean_std(values, digits=2):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def stdev(values):
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+def interval(diffs):
+    """(mean, half-width of its 95% t-interval) of paired differences; half-width None for one seed."""
+    m = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return m, None
+    return m, t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
-def verdict(diffs, spread, digits=2, words=("higher", "lower")):
-    """A paired difference, mean ± std over seeds, and whether it exceeds the seed spread: the larger of
-    `spread` (the std over seeds of the two things compared) and the std of the differences."""
+def verdict(diffs, digits=2, words=("higher", "lower")):
+    """A paired difference as 'mean ± 95% half-width (word)': the word says which way the interval lies,
+    or 'no difference' when it holds 0."""
     if not diffs:
         return ""
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.{digits}f} (one seed)"
-    m, s = statistics.mean(diffs), statistics.stdev(diffs)
-    word = "within the seed spread" if abs(m) <= max(spread, s) else words[m < 0]
-    return f"{m:+.{digits}f} ± {s:.{digits}f} ({word})"
+    m, half = interval(diffs)
+    if half is None:
+        return f"{m:+.{digits}f} (one seed)"
+    word = "no difference" if abs(m) <= half else words[m < 0]
+    return f"{m:+.{digits}f} ± {half:.{digits}f} ({word})"
 
 
 def summarize(run, label_images, val_sets):
     """The figures of one finished run."""
-    logs = records(run)
-    return dict(seed=run["seed"], final=logs[-1]["val_top1"], best=max(r["val_top1"] for r in logs),
+    return dict(seed=run["seed"], final=records(run)[-1]["val_top1"], train_loss=records(run)[-1]["train_loss"],
                 wall=wall_time(run), **label_errors(run, label_images, val_sets))
 
 
+def paired(stats, base):
+    """(arm, base) summaries of the seeds both have."""
+    base = {s["seed"]: s for s in base}
+    return [(s, base[s["seed"]]) for s in stats if s["seed"] in base]
+
+
 def table(runs, label_images, val_sets):
-    """The markdown table of one (data set, model), from its finished runs."""
-    by_target = {}
+    """The pilot's lines and the markdown table of one model, from its finished runs."""
+    by_arm = {}
     for run in runs:
         if finished(run):
-            by_target.setdefault(run["target"], []).append(summarize(run, label_images, val_sets))
-    area = {s["seed"]: s for s in by_target.get("area", [])}
-    lines = ["| target | seeds | final top-1 (%) | best top-1 (%) | final − area | best − area | "
-             "label MAE: area | TL-Align | TransMix | TL-Align − area MAE | min/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for target in TARGETS:
-        stats = by_target.get(target)
+            by_arm.setdefault(run["arm"], []).append(summarize(run, label_images, val_sets))
+    pilot = []
+    if by_arm.get("none") and by_arm.get("area"):
+        pairs = paired(by_arm["area"], by_arm["none"])
+        pilot = [f"**Pilot, CutMix (area target) − no mixing:** {verdict([a['final'] - n['final'] for a, n in pairs])}"
+                 f" points of final test top-1 over {len(pairs)} paired seeds (mean ± 95% interval); no mixing "
+                 f"ends at a training loss of {mean_std([n['train_loss'] for _, n in pairs], 3)} (label smoothing "
+                 f"0.1 puts its floor near 0.50: memorised).", ""]
+    lines = ["| arm | seeds | final top-1 (%) | − area (paired) | label MAE: area | TL-Align | TransMix | "
+             "TL-Align − area MAE | min/run |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        stats = by_arm.get(arm)
         if not stats:
             continue
-        paired = [(s, area[s["seed"]]) for s in stats if s["seed"] in area]
-        vs_area = ["", ""]
-        if target != "area":
-            for i, key in enumerate(("final", "best")):
-                spread = max(stdev([s[key] for s in stats]), stdev([a[key] for a in area.values()]))
-                vs_area[i] = verdict([s[key] - a[key] for s, a in paired], spread)
-        # the area MAE is the same in every run (same pairs, same boxes): the spread is TL-Align's
-        tl_gain = verdict([s["tl"] - s["area"] for s in stats], stdev([s["tl"] for s in stats]), 4,
-                          ("farther", "closer"))
-        lines.append(f"| {target} | {len(stats)} | {mean_std([s['final'] for s in stats])} | "
-                     f"{mean_std([s['best'] for s in stats])} | {vs_area[0]} | {vs_area[1]} | "
+        vs_area = "" if arm == "area" else verdict([s["final"] - a["final"] for s, a in paired(stats, by_arm.get("area", []))])
+        # the area MAE is the same pairs and boxes for every model: the difference is paired within a run
+        tl_gain = verdict([s["tl"] - s["area"] for s in stats], 4, ("farther", "closer"))
+        lines.append(f"| {arm} | {len(stats)} | {mean_std([s['final'] for s in stats])} | {vs_area} | "
                      f"{mean_std([s['area'] for s in stats], 4)} | {mean_std([s['tl'] for s in stats], 4)} | "
                      f"{mean_std([s['transmix'] for s in stats], 4)} | {tl_gain} | "
                      f"{statistics.mean(s['wall'] for s in stats) / 60:.1f} |")
-    return lines
+    return pilot + lines
 
 
 def invocations(args, runs):
@@ -286,37 +327,37 @@ def report(runs, args):
     """Write results.md from the finished runs."""
     groups, val_sets = {}, {}
     for run in runs:
-        groups.setdefault((run["data"], run["model"]), []).append(run)
+        groups.setdefault(run["model"], []).append(run)
     ran = invocations(args, runs)
     n_done = sum(finished(r) for r in runs)
-    out = ["# Results: the area target, TransMix and TL-Align side by side", "",
+    subset = "all" if not args.subset else f"the first {args.subset:,}"
+    out = ["# Results: no mixing, CutMix's area target, DeiT's switch, TransMix and TL-Align side by side", "",
            f"{n_done} of {len(runs)} runs finished, on {platform.machine()} with {os.cpu_count()} CPU threads, "
            f"torch {torch.__version__}. Wall time of the matrix: {sum(i['seconds'] for i in ran) / 60:.0f} min, "
            f"run by: " + "; ".join(f"`{i['argv']}` ({i['seconds'] / 60:.0f} min)" for i in ran) + ".", "",
+           f"The regime: {args.data}, {subset} training images, {args.epochs} epochs, train.py's recipe for the "
+           f"data set with `{' '.join(args.train_args)}`. Every arm of a seed starts from the same "
+           f"initialisation and sees the same data order.", "",
            "How to read the tables:",
-           "- Top-1 is on the whole validation set, after the last epoch (final) and the best epoch (best); "
-           "mean ± standard deviation over seeds.",
-           "- *final − area*, *best − area*: the difference to the area target of the same seed (same "
-           "initialisation and data order), mean ± std over seeds. It is called *within the seed spread* "
-           "when its mean is no larger than the std over seeds of either target's top-1, or than the std "
-           "of the differences themselves.",
-           f"- *Label MAE*: on {args.label_images} validation images mixed in CutMix pairs (one random box "
-           f"per 8 pairs, the same for every run), the mean absolute error of each target's share of "
-           f"image 1 against the true share (visible foreground pixels of image 1 over all visible "
-           f"foreground pixels), for the final model of each run: *area* is CutMix's lam, *TL-Align* the "
-           f"aligned label (the class token's; Swin: the mean token's), *TransMix* its attention lam. "
-           f"These are measured on every run, whatever target it trained with. *TL-Align − area MAE* "
-           f"below 0 means the aligned label is closer to the truth.",
+           "- *final top-1*: on the whole test set after the last epoch, mean ± standard deviation over seeds.",
+           "- *− area (paired)*: the difference to the area target (CutMix, box on the patch grid) of the same "
+           "seed, mean ± the half-width of its 95% t-interval over seeds. *no difference* when the interval "
+           "holds 0.",
+           f"- *label MAE*: on {args.label_images} test images mixed in CutMix pairs (one random box per 8 "
+           f"pairs, the same for every run), the mean absolute error of each target's share of image 1 "
+           f"against the true share (visible foreground pixels of image 1 over all visible foreground "
+           f"pixels), for the final model of each run: *area* is CutMix's lam, *TL-Align* the aligned label "
+           f"(the class token's; Swin: the mean token's), *TransMix* its attention lam. They are measured on "
+           f"every run, whatever it trained with. *TL-Align − area MAE* below 0 means the aligned label is "
+           f"closer to the truth (mean ± 95% interval over seeds).",
            "- *min/run*: wall time of one run, with another run sharing the machine (--jobs).", ""]
-    for (name, model), group in groups.items():
+    for model, group in groups.items():
         run = group[0]
-        template = dict(run, target="T", seed="S", dir=os.path.join(os.path.dirname(os.path.dirname(run["dir"])),
-                                                                    "T", "seedS"))
-        out += [f"## {name}, {model}", "",
-                f"{run['epochs']} epoch(s) on {'all' if not run['subset'] else 'the first ' + str(run['subset'])} "
-                f"training images, seeds {', '.join(str(s) for s in args.seeds)}. Each run is "
-                f"`python {shlex.join(train_command(template, args.train_args))}` with T one of area, "
-                f"transmix, tl_align, or `--mix none` in place of `--target T` for the none row.", ""]
+        template = dict(run, arm="area", seed="S", dir=os.path.join(os.path.dirname(os.path.dirname(run["dir"])),
+                                                                     "ARM", "seedS"))
+        out += [f"## {model}", "", f"Each run is `python {shlex.join(train_command(template, args.train_args))}` "
+                f"with the arm's flags in place of `{shlex.join(ARMS['area'])}`: " +
+                "; ".join(f"{arm}: `{shlex.join(flags)}`" for arm, flags in ARMS.items()) + ".", ""]
         out += table(group, args.label_images, val_sets) + [""]
     with open(args.results, "w") as f:
         f.write("\n".join(out))
@@ -329,29 +370,29 @@ def interrupt(signum, frame):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", nargs="+", default=DATASETS, choices=DATASETS)
-    p.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
-    p.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="per run (default: the budget of each data set)")
-    p.add_argument("--subset", type=int, default=None, help="training images per run, 0 = all (default: the budget's)")
+    p.add_argument("--data", default=REGIME["data"], choices=[n for n in data.DATASETS if n != "imagenet"])
+    p.add_argument("--models", nargs="+", default=MODELS[:1], choices=MODELS)
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(range(5)))
+    p.add_argument("--epochs", type=int, default=REGIME["epochs"])
+    p.add_argument("--subset", type=int, default=REGIME["subset"], help="training images per run, 0 = all")
     p.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else 2,
-                   help="runs at a time (default: 2 on a CPU, sharing its cores; 1 on a GPU)")
-    p.add_argument("--label-images", type=int, default=2000, help="validation images of the label errors")
+                   help="runs at a time (default: 2 on a CPU, one thread each; 1 on a GPU)")
+    p.add_argument("--label-images", type=int, default=2000, help="test images of the label errors")
     p.add_argument("--out", default="runs/compare", help="directory of the runs")
     p.add_argument("--results", default="results.md")
     p.add_argument("--report", action="store_true", help="only write results.md from the runs on disk")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
-                   help="after --: more train.py flags for every run, e.g. -- --batch-size 256 --device cuda")
+                   help="after --: train.py flags for every run, replacing the regime's "
+                        f"({' '.join(REGIME['flags'])}), e.g. -- --batch-size 256 --device cuda")
     args = p.parse_args()
-    args.train_args = [a for a in args.train_args if a != "--"]
-    if args.jobs < 1 or (args.epochs is not None and args.epochs < 1) or (args.subset is not None and args.subset < 0) \
-            or args.label_images < 8:
+    args.train_args = [a for a in args.train_args if a != "--"] or REGIME["flags"]
+    if args.jobs < 1 or args.epochs < 1 or args.subset < 0 or args.label_images < 8:
         p.error("--jobs and --epochs must be at least 1, --subset at least 0, --label-images at least 8")
     clash = OWN_FLAGS & {a.split("=")[0] for a in args.train_args}
     if clash:
         p.error(f"after --: {', '.join(sorted(clash))} is set by compare.py itself; "
-                f"use its own flags (--data, --models, --targets, --seeds, --epochs, --subset, --out)")
+                f"use its own flags (--data, --models, --arms, --seeds, --epochs, --subset, --out)")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
         p.error(f"--results {args.results}: its directory does not exist")
     runs = plan(args)

@@ -27,7 +27,7 @@ import math
 import os
 import pickle
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -95,6 +95,9 @@ def _uniform(rng, low, high, shape):
     return low + (high - low) * rng.random(shape, dtype=np.float32)  # float32 throughout: half the time
 
 
+BLOB, LINE, SIZE, CONTRAST, BASE, DARK = 0.15, 0.2, (0.3, 0.8), (0.15, 0.5), (0.15, 0.85), 0.0
+
+
 def _synthetic_chunk(rng, n, size=32):
     """n balanced samples: images (n, 3, size, size) uint8, labels (n,) int64, masks (n, size, size) bool."""
     labels = rng.permutation(np.arange(n) % len(SHAPES))
@@ -102,29 +105,31 @@ def _synthetic_chunk(rng, n, size=32):
 
     # background: a flat colour, plus soft colour blobs and thin lines of low contrast, so that the
     # object is not found by "anything not flat" and bars / edges also appear outside the object
-    base = _uniform(rng, 0.15, 0.85, (n, 3))
+    base = _uniform(rng, *BASE, (n, 3))
     img = np.broadcast_to(base[:, :, None, None], (n, 3, size, size)).copy()  # (n, 3, size, size)
     for _ in range(4):
         cy, cx = _uniform(rng, 0, size, (2, n, 1, 1))
         sigma = _uniform(rng, 2, 6, (n, 1, 1))
         blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))  # (n, size, size)
-        img += _uniform(rng, -0.15, 0.15, (n, 3, 1, 1)) * blob[:, None]
+        img += _uniform(rng, -BLOB, BLOB, (n, 3, 1, 1)) * blob[:, None]
     for _ in range(2):
         py, px = _uniform(rng, 0, size, (2, n, 1, 1))
         angle = _uniform(rng, 0, np.pi, (n, 1, 1))
         line = np.abs((x - px) * np.sin(angle) - (y - py) * np.cos(angle)) < 0.6  # (n, size, size)
-        img += _uniform(rng, -0.2, 0.2, (n, 3, 1, 1)) * line[:, None]
+        img += _uniform(rng, -LINE, LINE, (n, 3, 1, 1)) * line[:, None]
 
     # object: side 30-80% of the image so that a CutMix box sometimes covers part of it, anywhere inside
     # the image, coloured 0.15-0.5 away from the base colour in every channel (towards the far end)
-    half = _uniform(rng, 0.3, 0.8, (n, 1, 1)) * size / 2
+    half = _uniform(rng, *SIZE, (n, 1, 1)) * size / 2
     cy, cx = half + (size - 2 * half) * rng.random((2, n, 1, 1), dtype=np.float32)
     u, v = (x - cx) / half, (y - cy) / half  # (n, size, size) each
     masks = np.zeros((n, size, size), dtype=bool)
     for k, shape in enumerate(SHAPES.values()):
         masks[labels == k] = shape(u[labels == k], v[labels == k])
-    contrast = _uniform(rng, 0.15, 0.5, (n, 3))
+    contrast = _uniform(rng, *CONTRAST, (n, 3))
     colour = np.where(base > 0.5, base - contrast, base + contrast)  # (n, 3)
+    if DARK:
+        colour = base - contrast
     img = np.where(masks[:, None], colour[:, :, None, None], img)
 
     img += 0.04 * rng.standard_normal(img.shape, dtype=np.float32)  # sensor noise on object and background
@@ -275,6 +280,15 @@ def load_small(name, path, train, subset=None, seed=0):
         masks = None if masks is None else masks[:subset]
     return TensorData(name, torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels),
                       None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)))
+
+
+def split_last(data, n):
+    """(the first len(data) - n samples, the last n) of a TensorData, in order: a held-out split."""
+    def part(rows):
+        return replace(data, images=data.images[rows], labels=data.labels[rows],
+                       masks=None if data.masks is None else data.masks[rows])
+    k = len(data) - n
+    return part(slice(0, k)), part(slice(k, None))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -73,10 +73,15 @@ def get_args(argv=None):
     p.add_argument("--smoothing", type=float, default=None)
     p.add_argument("--drop-path", type=float, default=None)
     p.add_argument("--subset", type=int, default=None, help="train on the first N training samples")
+    p.add_argument("--holdout", type=int, default=None,
+                   help="validate on the last N training samples instead of the test split (to choose a recipe)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop and flip of small images (--no-augment: CutMix / Mixup only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast; auto = bf16 on CUDA, off on the CPU")
+                   help="autocast; auto = bf16 where native (GPUs from Ampere on, CPUs with bf16 instructions), "
+                        "fp16 on older GPUs, else off")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--fused-attn", action="store_true",
                    help="scaled_dot_product_attention with the labels riding along (same results, less memory)")
@@ -85,22 +90,24 @@ def get_args(argv=None):
     p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
     p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
+    p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the last always is)")
     args = p.parse_args(argv)
     recipe = dict(RECIPES[args.data])
     args.model = args.model or recipe["model"]
     if args.data == "imagenet" and args.model.startswith("swin"):
         recipe.update(SWIN_IMAGENET, drop_path=SWIN_DROP_PATH.get(args.model, 0.2))
-    for key in ("epochs", "batch_size", "weight_decay", "warmup_epochs", "clip_grad", "mix", "smoothing",
-                "drop_path"):
+    for key in ("epochs", "batch_size", "weight_decay", "clip_grad", "mix", "smoothing", "drop_path"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
+    if args.warmup_epochs is None:  # the recipe's warm-up, but at most a tenth of a shorter run
+        args.warmup_epochs = min(recipe["warmup_epochs"], args.epochs / 10)
     args.lr_recipe = (recipe["lr"], recipe["lr_batch"])
     return args
 
 
 def check_args(args):
     """Refuse settings that cannot train, with the one line that says what to change."""
-    for flag in ("epochs", "batch_size", "subset"):
+    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
@@ -108,6 +115,8 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
+    if args.holdout is not None and args.data == "imagenet":
+        raise UserError("--holdout is for the small data sets; for ImageNet make a folder of held-out images")
     if args.target == "transmix" and vit.PRESETS[args.model]["family"] != "vit":
         raise UserError(f"--target transmix needs a class-token model (deit_*, vit_mini), not {args.model}: "
                         f"TransMix is defined on the class token's attention")
@@ -154,14 +163,47 @@ def build_data(args, rank, world):
         val = torch.utils.data.DataLoader(val_set, sampler=range(rank, len(val_set), world), **kw)
         return train, val, None, info
     # the synthetic set is the same for every --seed: seeds vary the training, not the data
-    train_set = data.load_small(args.data, args.data_path, train=True, subset=args.subset, seed=0)
-    val_set = data.load_small(args.data, args.data_path, train=False, seed=0)
-    train = data.Loader(train_set, args.batch_size, shuffle=True, augment=True, drop_last=True, rank=rank,
-                        world_size=world, seed=args.seed)
+    if args.holdout:  # the first samples train, the last --holdout validate: the test split stays unseen
+        size = None if args.data != "synthetic" else (args.subset or data.SYNTHETIC_SIZE[True]) + args.holdout
+        full = data.load_small(args.data, args.data_path, True, size)
+        if len(full) - args.holdout < (args.subset or 1):
+            raise UserError(f"--holdout {args.holdout} leaves {max(len(full) - args.holdout, 0)} of the {len(full)} "
+                            f"{args.data} training samples, fewer than {args.subset or 1}: lower --holdout or --subset")
+        train_set, val_set = data.split_last(full, args.holdout)
+        if args.subset is not None:
+            train_set = data.split_last(train_set, len(train_set) - args.subset)[0]
+    else:
+        train_set = data.load_small(args.data, args.data_path, train=True, subset=args.subset, seed=0)
+        val_set = data.load_small(args.data, args.data_path, train=False, seed=0)
+    train = data.Loader(train_set, args.batch_size, shuffle=True, augment=args.augment, drop_last=True,
+                        rank=rank, world_size=world, seed=args.seed)
     shard = replace(val_set, images=val_set.images[rank::world], labels=val_set.labels[rank::world],
                     masks=None)
     val = data.Loader(shard, 256)
     return train, val, val_set, info
+
+
+def cpu_has_bf16(cpuinfo_path="/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively (x86 AVX512-BF16 or AMX, Arm BF16), by its feature flags.
+
+    Without it bf16 is emulated and slower than float32; machines without /proc/cpuinfo count as no.
+    """
+    try:
+        with open(cpuinfo_path) as f:
+            flags = {word for line in f if line.startswith(("flags", "Features")) for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def auto_amp(device) -> str:
+    """--amp auto: bf16 where it is native (CUDA compute capability >= 8.0, CPUs with bf16 instructions),
+    fp16 with loss scaling on older GPUs (V100, T4: bf16 would be emulated), else float32 ('off')."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "bf16"
+    return "off"
 
 
 def param_groups(model, weight_decay):
@@ -347,7 +389,7 @@ def run(args):
     steps = len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, round(args.warmup_epochs * steps), args.epochs * steps))
-    amp = {"auto": "bf16" if device.type == "cuda" else "off"}.get(args.amp, args.amp)
+    amp = auto_amp(device) if args.amp == "auto" else args.amp
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
@@ -401,9 +443,11 @@ def run(args):
         train_loss, rate, lr = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
                                                autocast, info["num_classes"], raw.patch_embed.patch_size,
                                                epoch, log)
-        top1, top5 = evaluate(raw, val_loader, device, autocast)
-        mae = label_accuracy(raw, val_set, args, device, autocast) if rank == 0 else None
-        best = max(best, top1)
+        top1 = top5 = mae = None
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            top1, top5 = evaluate(raw, val_loader, device, autocast)
+            mae = label_accuracy(raw, val_set, args, device, autocast) if rank == 0 else None
+            best = max(best, top1)
         if rank == 0:
             record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
                           lr=lr, epoch_time_s=time.time() - t0, img_per_s=rate,
@@ -417,9 +461,10 @@ def run(args):
             ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), epoch=epoch, best_top1=best, args=saved_args)
             save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
+            val = "" if top1 is None else f" val top-1 {top1:.2f}% top-5 {top5:.2f}%"
             maes = "" if mae is None else " label MAE " + " ".join(
                 f"{k} {v:.4f}" for k, v in mae.items() if v is not None)
-            log(f"epoch {epoch}: train loss {train_loss:.4f} val top-1 {top1:.2f}% top-5 {top5:.2f}%{maes} "
+            log(f"epoch {epoch}: train loss {train_loss:.4f}{val}{maes} "
                 f"({record['epoch_time_s']:.0f}s, {rate:.0f} img/s)")
     log(f"done: best val top-1 {best:.2f}%, last {top1:.2f}%; checkpoints in {args.output_dir}")
 
