@@ -1,6 +1,7 @@
 """Tests of compare.py: the matrix it plans, resuming, the numbers of results.md, a real tiny matrix."""
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,40 +14,54 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def args_for(tmp_path, **kw):
-    base = dict(data=compare.DATASETS, models=compare.MODELS, targets=compare.TARGETS, seeds=[0, 1, 2],
-                epochs=None, subset=None, jobs=1, label_images=2000, out=str(tmp_path / "runs"),
-                results=str(tmp_path / "results.md"), report=True, train_args=[])
+    base = dict(data="fashion_mnist", models=["vit_mini", "swin_mini"], arms=list(compare.ARMS), seeds=[0, 1, 2],
+                epochs=100, subset=1000, jobs=1, label_images=2000, out=str(tmp_path / "runs"),
+                results=str(tmp_path / "results.md"), report=True, train_args=compare.REGIME["flags"])
     return argparse.Namespace(**{**base, **kw})
 
 
-def plant(run, finals, mae_tl=0.10):
+def plant(run, finals, mae_tl=0.10, train_loss=0.5):
     """A finished run's files, as train.py and compare.py leave them (its label errors already measured)."""
     os.makedirs(run["dir"], exist_ok=True)
     with open(os.path.join(run["dir"], "log.jsonl"), "w") as f:
         for epoch, top1 in enumerate(finals):
-            f.write(json.dumps(dict(epoch=epoch, val_top1=top1)) + "\n")
+            f.write(json.dumps(dict(epoch=epoch, val_top1=top1, train_loss=train_loss)) + "\n")
     compare.write_json(os.path.join(run["dir"], "label_errors_2000.json"),
-                       dict(area=0.2, tl=mae_tl, transmix=0.3 if run["target"] != "none" else None))
+                       dict(area=0.2, tl=mae_tl, transmix=0.3 if run["model"] == "vit_mini" else None))
     compare.add_wall_time(run, 60.0)
 
 
-def test_plan_is_the_whole_matrix(tmp_path):
+def test_plan_is_the_whole_matrix_pilot_first(tmp_path):
     runs = compare.plan(args_for(tmp_path))
-    assert len(runs) == 3 * 2 * (4 + 3)  # seeds x data sets x (ViT: 4 targets, Swin: no TransMix)
-    assert not any(r["target"] == "transmix" and r["model"] == "swin_mini" for r in runs)
+    assert len(runs) == 3 * (6 + 5)  # seeds x (ViT: 6 arms, Swin: no TransMix)
+    assert not any(r["arm"] == "transmix" and r["model"] == "swin_mini" for r in runs)
     assert len({r["dir"] for r in runs}) == len(runs)
-    none = next(r for r in runs if r["target"] == "none")
+    vit_runs = [(r["arm"], r["seed"]) for r in runs if r["model"] == "vit_mini"]
+    assert vit_runs[:6] == [("none", 0), ("none", 1), ("none", 2), ("area", 0), ("area", 1), ("area", 2)]
+    assert vit_runs[6:10] == [("area_pixel", 0), ("deit", 0), ("transmix", 0), ("tl_align", 0)]
+    none = next(r for r in runs if r["arm"] == "none")
     assert "--mix" in none["cmd"] and "--target" not in none["cmd"]
-    fm = next(r for r in runs if r["data"] == "fashion_mnist" and r["target"] == "tl_align")
-    epochs, subset = compare.BUDGET["fashion_mnist"]
-    assert fm["cmd"][fm["cmd"].index("--epochs") + 1] == str(epochs)
-    assert f"fashion_mnist-e{epochs}-n{subset}" in fm["dir"]  # a new budget never meets older runs
-    assert fm["cmd"][-2:] == ["--output-dir", fm["dir"]]
+    deit = next(r for r in runs if r["arm"] == "deit")["cmd"]
+    assert deit[deit.index("--mix") + 1] == "both" and deit[deit.index("--cutmix-mode") + 1] == "pixel"
+    tl_run = next(r for r in runs if r["arm"] == "tl_align")
+    assert tl_run["cmd"][tl_run["cmd"].index("--epochs") + 1] == "100" and "--no-augment" in tl_run["cmd"]
+    assert "fashion_mnist-e100-n1000" in tl_run["dir"]  # a new budget never meets older runs
+    assert tl_run["cmd"][-2:] == ["--output-dir", tl_run["dir"]]
+
+
+def test_the_regime_is_what_train_py_runs():
+    """The regime's flags reach train.py as intended: CutMix the only augmentation, the calibrated warm-up."""
+    import train
+    run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=3, epochs=100, subset=1000, dir="d")
+    args = train.get_args(compare.train_command(run, compare.REGIME["flags"])[1:])
+    assert (args.augment, args.drop_path, args.warmup_epochs, args.eval_every) == (False, 0.0, 5.0, 25)
+    assert (args.mix, args.target, args.cutmix_mode, args.subset, args.epochs) == ("cutmix", "tl_align", "grid",
+                                                                                  1000, 100)
+    assert (args.smoothing, args.weight_decay, args.batch_size) == (0.1, 0.05, 128)
 
 
 def test_a_run_cut_short_resumes_and_a_finished_one_is_skipped(tmp_path):
-    run = compare.plan(args_for(tmp_path, data=["synthetic"], models=["vit_mini"], targets=["area"], seeds=[0],
-                                epochs=3))[0]
+    run = compare.plan(args_for(tmp_path, models=["vit_mini"], arms=["area"], seeds=[0], epochs=3))[0]
     assert "--resume" not in compare.command_now(run)
     plant(run, [10.0])  # one epoch of three logged, and its checkpoint
     open(os.path.join(run["dir"], "checkpoint.pt"), "wb").close()
@@ -61,7 +76,7 @@ def test_a_run_cut_short_resumes_and_a_finished_one_is_skipped(tmp_path):
 
 
 def test_runs_of_another_command_are_not_reused(tmp_path):
-    args = args_for(tmp_path, data=["synthetic"], models=["vit_mini"], targets=["area"], seeds=[0], epochs=1)
+    args = args_for(tmp_path, models=["vit_mini"], arms=["area"], seeds=[0], epochs=1)
     compare.claim(compare.plan(args)[0])
     compare.claim(compare.plan(args)[0])  # the same command: fine
     other = compare.plan(args_for(tmp_path, **{**vars(args), "train_args": ["--lr", "0.1"]}))[0]
@@ -69,34 +84,43 @@ def test_runs_of_another_command_are_not_reused(tmp_path):
         compare.claim(other)
 
 
+def test_student_t_quantiles_by_closed_forms():
+    """df = 1 is Cauchy, t = tan(pi (p - 1/2)); df = 2 has t = (2p - 1) / sqrt(2 p (1 - p)); large df is normal."""
+    assert abs(compare.t_quantile(0.975, 1) - math.tan(0.475 * math.pi)) < 1e-6
+    assert abs(compare.t_quantile(0.975, 2) - 0.95 / math.sqrt(2 * 0.975 * 0.025)) < 1e-6
+    assert abs(compare.t_quantile(0.975, 10000) - 1.959964) < 1e-3
+
+
 def test_report_numbers(tmp_path):
-    args = args_for(tmp_path, data=["synthetic"], models=["vit_mini"], epochs=2)
-    finals = {"none": [40.0, 45.0, 44.0], "area": [50.0, None, 54.0], "transmix": [51.0, 52.0, 55.0],
-              "tl_align": [53.0, 54.0, 58.0]}
+    args = args_for(tmp_path, models=["vit_mini"], epochs=2)
+    finals = {"none": [40.0, 45.0, 44.0], "area": [50.0, None, 54.0], "area_pixel": [50.0, 51.0, 55.0],
+              "deit": [49.0, 50.0, 53.0], "transmix": [51.0, 52.0, 55.0], "tl_align": [53.0, 54.0, 58.0]}
     runs = compare.plan(args)
     for run in reversed(runs):  # planted out of order: pairing must go by seed, not by position
-        final = finals[run["target"]][run["seed"]]
+        final = finals[run["arm"]][run["seed"]]
         if final is not None:  # area's seed 1 never finished
-            plant(run, [final + 1, final], mae_tl=0.1 + 0.01 * run["seed"])  # best is the first epoch
+            plant(run, [final + 1, final], mae_tl=0.1 + 0.01 * run["seed"])  # the first epoch is higher
     compare.log_invocation(args, runs, 600.0)
     compare.report(runs, args)
     text = open(args.results).read()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
-    assert rows["area"][:3] == ["2", "52.00 ± 2.83", "53.00 ± 2.83"]
-    # paired over seeds 0 and 2: tl_align - area = 3, 4; beyond the spread max(2.65, 2.83, 0.71)
-    assert rows["tl_align"][3] == "+3.50 ± 0.71 (higher)"
-    assert rows["none"][3] == "-10.00 ± 0.00 (lower)"  # 40-50, 44-54
-    assert rows["transmix"][4] == "+1.00 ± 0.00 (within the seed spread)"
-    assert rows["tl_align"][6] == "0.1100 ± 0.0100" and rows["none"][7] == ""  # TL-Align MAE; no TransMix
-    assert rows["tl_align"][8] == "-0.0900 ± 0.0100 (closer)"
-    assert "Wall time of the matrix: 10 min" in text and "--target T --seed S --epochs 2" in text
+    assert rows["area"][:2] == ["2", "52.00 ± 2.83"]  # the final epoch, never the best one
+    # paired over seeds 0 and 2: tl_align - area = 3, 4; mean 3.5, 95% half-width 12.706 * 0.707 / sqrt 2
+    assert rows["tl_align"][2] == "+3.50 ± 6.35 (no difference)"
+    assert rows["none"][2] == "-10.00 ± 0.00 (lower)"  # 40-50, 44-54
+    assert rows["deit"][2] == "-1.00 ± 0.00 (lower)"
+    assert rows["tl_align"][4] == "0.1100 ± 0.0100"  # TL-Align MAE
+    assert rows["tl_align"][6] == "-0.0900 ± 0.0248 (closer)"  # -0.1, -0.09, -0.08: 4.303 * 0.01 / sqrt 3
+    assert "**Pilot, CutMix (area target) − no mixing:** +10.00 ± 0.00 (higher) points" in text
+    assert "Wall time of the matrix: 10 min" in text and "--target area --seed S --epochs 2" in text
 
 
 def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path):
-    cmd = [sys.executable, "compare.py", "--data", "synthetic", "--models", "vit_mini", "--targets", "none",
+    cmd = [sys.executable, "compare.py", "--data", "synthetic", "--models", "vit_mini", "--arms", "none",
            "tl_align", "--seeds", "0", "--epochs", "1", "--subset", "128", "--label-images", "64",
-           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--", "--batch-size", "64"]
+           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--", "--batch-size", "64",
+           "--no-augment"]
     first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     text = (tmp_path / "results.md").read_text()
@@ -106,9 +130,8 @@ def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path):
 
 
 def test_user_errors_end_in_one_line(tmp_path):
-    common = [sys.executable, "compare.py", "--data", "fashion_mnist", "--models", "vit_mini", "--targets", "area",
-              "--seeds", "0", "1", "--jobs", "1", "--out", str(tmp_path / "runs"), "--results",
-              str(tmp_path / "results.md"), "--"]
+    common = [sys.executable, "compare.py", "--models", "vit_mini", "--arms", "area", "--seeds", "0", "1",
+              "--jobs", "1", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--"]
     p = subprocess.run(common + ["--data-path", str(tmp_path / "nowhere")], cwd=HERE, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -127,6 +127,9 @@ CASES = {  # arguments -> a word the one-line message must contain
     "output_is_a_file": (["--output-dir", "{tmp}/corrupt.pt/run"], "--output-dir"),
     "bad_device": (["--device", "gpu"], "--device gpu"),
     "transmix_on_swin": (["--model", "swin_mini", "--target", "transmix"], "class-token"),
+    "holdout_too_large": (["--data", "fashion_mnist", "--holdout", "59900"], "--holdout 59900 leaves 100"),
+    "holdout_on_imagenet": (["--data", "imagenet", "--holdout", "10"], "--holdout"),
+    "zero_eval_every": (["--eval-every", "0"], "--eval-every"),
 }
 
 
@@ -170,3 +173,55 @@ def test_two_process_gloo_run(tmp_path):
     # validation gathered across ranks: the same accuracy as one process evaluating the whole set
     code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "checkpoint.pt"))
     assert code == 0 and f"top-1 {record['val_top1']:.2f}%" in out, (out, err)
+
+
+def test_warmup_is_the_recipes_but_at_most_a_tenth_of_the_run():
+    assert train.get_args(["--data", "fashion_mnist"]).warmup_epochs == 1  # the recipe's 1 of 10 epochs
+    assert train.get_args(["--data", "fashion_mnist", "--epochs", "1"]).warmup_epochs == 0.1
+    assert train.get_args(["--data", "imagenet", "--model", "deit_s"]).warmup_epochs == 5  # DeiT: 5 of 300
+    assert train.get_args(["--data", "imagenet", "--model", "swin_t"]).warmup_epochs == 20  # Swin: 20 of 300
+    assert train.get_args(["--data", "imagenet", "--epochs", "30"]).warmup_epochs == 3
+    assert train.get_args(["--epochs", "1", "--warmup-epochs", "0.5"]).warmup_epochs == 0.5  # as asked
+    # a one-epoch run of 468 steps: 47 of warm-up, the peak right after it, then the whole cosine to 0
+    factors = [train.cosine_with_warmup(s, round(0.1 * 468), 468) for s in range(468)]
+    assert factors[46] == 1.0 and factors[45] < 1.0 and factors[47] < 1.0
+    assert all(a >= b for a, b in zip(factors[46:], factors[47:])) and factors[-1] < 1e-4
+
+
+def test_cpu_bf16_is_read_off_the_feature_flags(tmp_path, monkeypatch):
+    cases = {"flags\t\t: fpu sse avx512f avx512_bf16 amx_tile\n": True,  # AVX512-BF16 (Zen 4, Cooper Lake)
+             "flags\t\t: fpu sse avx512f amx_bf16\n": True,              # AMX (Sapphire Rapids)
+             "flags\t\t: fpu sse avx2 avx512f avx512bw\n": False,        # AVX-512 without bf16: emulated
+             "Features\t: fp asimd sve bf16 i8mm\n": True,               # Arm (Graviton 3, Neoverse V1)
+             "Features\t: fp asimd evtstrm\n": False}
+    for i, (text, expected) in enumerate(cases.items()):
+        (tmp_path / f"cpuinfo{i}").write_text("processor\t: 0\n" + text)
+        assert train.cpu_has_bf16(str(tmp_path / f"cpuinfo{i}")) is expected, text
+    assert train.cpu_has_bf16(str(tmp_path / "missing")) is False
+    assert train.auto_amp(torch.device("cpu")) == ("bf16" if train.cpu_has_bf16() else "off")
+    for capability, amp in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert train.auto_amp(torch.device("cuda")) == amp  # V100 and T4 emulate bf16: fp16 with loss scaling
+
+
+def test_holdout_validates_on_the_last_training_samples():
+    args = train.get_args(["--subset", "300", "--holdout", "200", "--no-augment", "--batch-size", "100"])
+    train_loader, _, val_set, _ = train.build_data(args, 0, 1)
+    images, labels, masks = data.make_synthetic(500)  # the training stream, never the val stream
+    assert torch.equal(train_loader.data.images, torch.from_numpy(images[:300]))
+    assert torch.equal(val_set.images, torch.from_numpy(images[300:])) and torch.equal(val_set.masks,
+                                                                                       torch.from_numpy(masks[300:]))
+    assert not train_loader.augment
+    x, y = next(iter(train_loader))  # --no-augment: the images as they are, only normalised
+    order = torch.randperm(300, generator=torch.Generator().manual_seed(args.seed))[:100]
+    assert torch.equal(x, data.normalize(train_loader.data.images[order], *(data.DATASETS["synthetic"][k]
+                                                                           for k in ("mean", "std"))))
+
+
+def test_eval_every_evaluates_on_schedule_and_at_the_end(tmp_path):
+    train.main(["--epochs", "3", "--eval-every", "2", *SMALL, "--output-dir", str(tmp_path)])
+    logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["val_top1"] is not None for r in logs] == [False, True, True]
+    assert logs[0]["label_mae_tl"] is None and logs[2]["label_mae_tl"] is not None
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["val_top1"] == max(logs[1]["val_top1"], logs[2]["val_top1"])
