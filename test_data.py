@@ -259,14 +259,29 @@ def test_synthetic_balance_scale_contrast_and_statistics():
     assert masks.any((1, 2)).all()
     rows, cols = masks.any(2), masks.any(1)  # (n, 32) each
     extent = np.maximum(rows.sum(1), cols.sum(1))  # bounding box side, px
-    assert extent.min() >= 0.3 * 32 - 2 and extent.max() <= 0.8 * 32 + 1
-    assert extent.min() < 12 and extent.max() > 24  # the scale range is used
+    assert extent.min() >= 0.45 * 32 - 3 and extent.max() <= 0.9 * 32 + 1  # the triangle fills 0.85 of its box
+    assert extent.min() < 16 and extent.max() > 27  # the scale range is used
     inside = (images * masks[:, None]).sum((2, 3)) / masks.sum((1, 2))[:, None]  # (n, 3) mean colour
     outside = (images * ~masks[:, None]).sum((2, 3)) / (~masks).sum((1, 2))[:, None]
-    assert np.abs(inside - outside).max(1).min() > 15  # the object stands out of its background
+    assert (outside - inside).min() > 40  # darker than its background in every channel: one polarity
     x = images / 255
     assert np.allclose(x.mean((0, 2, 3)), DATASETS['synthetic']['mean'], atol=0.01)
     assert np.allclose(x.std((0, 2, 3)), DATASETS['synthetic']['std'], atol=0.01)
+
+
+def test_synthetic_objects_are_often_cut_by_cutmix_boxes():
+    """The point of the set: most CutMix boxes remove part of image 1's object, so lam is often wrong."""
+    import tl_align as tl
+    images, _, masks = make_synthetic(1024)
+    torch.manual_seed(0)
+    removed = []
+    for i in range(0, 1024, 8):
+        fg = torch.from_numpy(masks[i:i + 8])
+        _, w, _, _ = tl.cutmix_truth(torch.from_numpy(images[i:i + 8]).float(), fg, 4)
+        box = (w[0, :, 1] > 0).view(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1)  # (32, 32) pixels
+        removed.append((fg & box).sum((1, 2)) / fg.sum((1, 2)))
+    removed = torch.cat(removed)
+    assert ((removed > 0) & (removed < 1)).float().mean() > 0.7
 
 
 def test_synthetic_classes_have_distinct_shapes():
