@@ -3,6 +3,7 @@
     python bench.py                                  # deit_t, deit_s, swin_t at 224 px, and the 32 px presets
     python bench.py --model deit_s --batch-size 64 --device cuda --amp bf16
     python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
+    python bench.py --model vit_mini --settings      # TL-Align's step in fp32, bf16, bf16 compiled (CPU)
 
 Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
@@ -17,10 +18,13 @@ running that mode alone. Saved memory: the bytes autograd keeps for the backward
 exact and free of allocator noise.
 """
 import argparse
+import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -232,6 +236,41 @@ def profile(args, name, device):
                                     row_limit=15))
 
 
+# --settings: what train.py's CPU defaults buy (--amp auto, --compile auto), each in a fresh process
+SETTINGS = {"fp32": ("off", False), "bf16": ("bf16", False), "bf16 + compile": ("bf16", True),
+            "fp32 + compile": ("off", True)}
+
+
+def probe_setting(args, name):
+    """Steps of TL-Align (K = 2, explicit attention) at one setting, in this process; prints the seconds
+    of the first step (compilation included) and the median of the next --reps steps, as JSON."""
+    device = torch.device("cpu")
+    model, opt = build(name, False, device, args.num_classes)
+    compiled = torch.compile(model) if args.compile else model  # forwards attributes to the model
+    step = make_step(compiled, opt, "tl_k2", args.batch_size, device, autocast_for(args, device), args.num_classes)
+    first = timed(step, device)
+    print(json.dumps(dict(first=first, step=statistics.median(timed(step, device) for _ in range(args.reps)))))
+
+
+def settings(args, name, batch_size):
+    """The table of SETTINGS for one model: compiled settings run twice, with an empty inductor cache
+    (what a first run pays) and then with the one it left (what later runs pay)."""
+    print(f"{name}, batch {batch_size}, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"TL-Align K = 2 training steps, median of {args.reps}")
+    print("| setting | first step (s): new cache / warm cache | ms/step | img/s | x fp32 |\n|---|---|---|---|---|")
+    base = None
+    for label, (amp, compile_) in SETTINGS.items():
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
+        cmd = [sys.executable, __file__, "--probe-setting", name, "--amp", amp, "--batch-size", str(batch_size),
+               "--reps", str(args.reps), "--num-classes", str(args.num_classes)] + (["--compile"] if compile_ else [])
+        runs = [json.loads(subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+                           .strip().splitlines()[-1]) for _ in range(2 if compile_ else 1)]
+        ms = runs[-1]["step"] * 1e3
+        base = base or ms
+        first = " / ".join(f"{r['first']:.1f}" for r in runs)
+        print(f"| {label} | {first} | {ms:.0f} | {batch_size / ms * 1e3:.0f} | {base / ms:.2f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), choices=list(vit.PRESETS))
@@ -246,12 +285,22 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes (one process each)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "MODE", "FUSED"), help=argparse.SUPPRESS)
+    p.add_argument("--settings", action="store_true",
+                   help="TL-Align's step in fp32, bf16 and compiled, fresh processes (CPU: train.py's defaults)")
+    p.add_argument("--probe-setting", metavar="MODEL", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if "plain" not in args.modes:
         p.error("--modes must include plain, the reference of every ratio")
     if args.probe_memory:
         name, mode, fused = args.probe_memory
         return probe_memory(args, name, mode, fused == "1")
+    if args.probe_setting:
+        return probe_setting(args, args.probe_setting)
+    if args.settings:
+        for name in args.model:
+            settings(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16))
+        return
     device = torch.device(args.device)
     if args.profile:
         return profile(args, args.model[0], device)

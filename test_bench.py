@@ -1,4 +1,5 @@
 """bench.py runs end to end on tiny settings and reports every mode (no timing is asserted)."""
+import json
 import os
 import subprocess
 import sys
@@ -28,3 +29,13 @@ def test_median_interval_is_the_sign_test_one():
     # n = 25: the 95% interval of the median is the 8th to the 18th value (binomial tables)
     assert bench.median_with_ci(list(range(25, 0, -1))) == (13, 8, 18)
     assert bench.median_with_ci([1.0, 3.0]) == (2.0, 1.0, 3.0)  # few values: the range
+
+
+def test_setting_probe_times_a_tl_align_step():
+    """The process behind --settings (without compile, which would take a minute): first and median step."""
+    cmd = [sys.executable, "bench.py", "--probe-setting", "vit_mini", "--amp", "bf16", "--batch-size", "4",
+           "--reps", "2", "--num-classes", "10"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    times = json.loads(p.stdout.strip().splitlines()[-1])
+    assert times.keys() == {"first", "step"} and times["first"] > 0 and times["step"] > 0

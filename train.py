@@ -33,7 +33,8 @@ import vit
 # Per data set: the model, schedule and regularisation that make `python train.py --data X` right.
 # lr is the rate for a global batch of lr_batch and scales linearly with the batch actually used.
 RECIPES = {
-    "synthetic":     dict(model="vit_mini", epochs=3, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=0.5,
+    # 4 epochs of 20k images: ~90% top-1 in under 4 minutes on a 2-core CPU with bf16 (README)
+    "synthetic":     dict(model="vit_mini", epochs=4, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=0.4,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix"),
     "fashion_mnist": dict(model="vit_mini", epochs=10, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=1,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
