@@ -140,3 +140,15 @@ def test_user_errors_end_in_one_line(tmp_path):
     assert len(started) == 1 and started[0].endswith("seed0")  # after the failure, seed 1 never started
     p = subprocess.run(common + ["--seed", "3"], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--seed is set by compare.py itself" in p.stderr
+
+
+def test_a_short_run_of_the_regime(tmp_path):
+    """The regime's own flags on its data set, two epochs of 256 images (uncompiled: compiling takes a minute)."""
+    import train
+    run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=0, epochs=2, subset=256,
+               dir=str(tmp_path))
+    train.main(compare.train_command(run, compare.REGIME["flags"] + ["--no-compile"])[1:])
+    logs = compare.records(run)
+    assert [r["epoch"] for r in logs] == [0, 1] and compare.finished(run)
+    assert logs[0]["val_top1"] is None and 0 < logs[1]["val_top1"] <= 100  # evaluated at the end only
+    assert logs[1]["label_mae_tl"] is not None  # Fashion-MNIST has masks: the label errors are measured
