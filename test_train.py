@@ -129,6 +129,7 @@ CASES = {  # arguments -> a word the one-line message must contain
     "transmix_on_swin": (["--model", "swin_mini", "--target", "transmix"], "class-token"),
     "holdout_too_large": (["--data", "fashion_mnist", "--holdout", "59900"], "--holdout 59900 leaves 100"),
     "holdout_on_imagenet": (["--data", "imagenet", "--holdout", "10"], "--holdout"),
+    "no_augment_on_imagenet": (["--data", "imagenet", "--no-augment"], "--no-augment"),
     "zero_eval_every": (["--eval-every", "0"], "--eval-every"),
 }
 

@@ -35,14 +35,20 @@ import vit
 RECIPES = {
     # 4 epochs of 20k images: ~90% top-1 in under 4 minutes on a 2-core CPU with bf16 (README)
     "synthetic":     dict(model="vit_mini", epochs=4, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=0.4,
-                          weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix"),
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix",
+                          augment=True),
+    # CutMix the only augmentation (no crop / flip, no drop path): one epoch on 50k training images reached
+    # 68.7% on the other 10k (--holdout 10000), against 54.9% with crop + flip and drop path 0.1
     "fashion_mnist": dict(model="vit_mini", epochs=10, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=1,
-                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix",
+                          augment=False),
     "cifar10":       dict(model="vit_mini", epochs=100, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=5,
-                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
+                          augment=True),
     # DeiT: AdamW 5e-4 x batch/512, wd 0.05, 300 epochs, 5 warm-up, smoothing 0.1, drop path 0.1
     "imagenet":      dict(model="deit_s", epochs=300, batch_size=128, lr=5e-4, lr_batch=512, warmup_epochs=5,
-                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix"),
+                          weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
+                          augment=True),  # DeiT's transforms (data.load_imagenet)
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist"]
 RECIPES["cifar100"] = RECIPES["cifar10"]
@@ -77,8 +83,8 @@ def get_args(argv=None):
     p.add_argument("--subset", type=int, default=None, help="train on the first N training samples")
     p.add_argument("--holdout", type=int, default=None,
                    help="validate on the last N training samples instead of the test split (to choose a recipe)")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="random crop and flip of small images (--no-augment: CutMix / Mixup only)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random crop and flip of small images (default: the recipe's; --no-augment: mixing only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -99,7 +105,7 @@ def get_args(argv=None):
     args.model = args.model or recipe["model"]
     if args.data == "imagenet" and args.model.startswith("swin"):
         recipe.update(SWIN_IMAGENET, drop_path=SWIN_DROP_PATH.get(args.model, 0.2))
-    for key in ("epochs", "batch_size", "weight_decay", "clip_grad", "mix", "smoothing", "drop_path"):
+    for key in ("epochs", "batch_size", "weight_decay", "clip_grad", "mix", "smoothing", "drop_path", "augment"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     if args.warmup_epochs is None:  # the recipe's warm-up, but at most a tenth of a shorter run
@@ -118,6 +124,8 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
+    if args.data == "imagenet" and args.augment is False:
+        raise UserError("--no-augment is for the small data sets; ImageNet trains with DeiT's transforms")
     if args.holdout is not None and args.data == "imagenet":
         raise UserError("--holdout is for the small data sets; for ImageNet make a folder of held-out images")
     if args.target == "transmix" and vit.PRESETS[args.model]["family"] != "vit":
