@@ -44,7 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # The regime: data set, training images (0 = all), epochs, and the train.py flags that make CutMix the only
 # augmentation; 5 warm-up epochs of 100 as in PAPER.md's calibration; the test set evaluated every 25 epochs.
 REGIME = dict(data="fashion_mnist", subset=1000, epochs=100,
-              flags=["--no-augment", "--drop-path", "0", "--warmup-epochs", "5", "--eval-every", "25", "--compile"])
+              flags=["--batch-size", "128", "--lr", "1e-3", "--no-augment", "--drop-path", "0", "--warmup-epochs", "5",
+                     "--eval-every", "25", "--compile"])
 # name: the train.py flags of the arm. CutMix's box is drawn on the patch grid (the official TL-Align code)
 # unless the name says pixel; DeiT's switch uses timm's pixel box, as DeiT does.
 ARMS = {

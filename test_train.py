@@ -227,12 +227,3 @@ def test_eval_every_evaluates_on_schedule_and_at_the_end(tmp_path):
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["val_top1"] == max(logs[1]["val_top1"], logs[2]["val_top1"])
 
-
-def test_compile_by_default_only_where_it_repays(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setenv("CXX", sys.executable)  # any program found on the PATH stands for the compiler
-    assert train.auto_compile(cpu, train.COMPILE_PAYS_FROM) and not train.auto_compile(cpu, train.COMPILE_PAYS_FROM - 1)
-    assert not train.auto_compile(torch.device("cuda"), 10 ** 9)
-    monkeypatch.setenv("CXX", "no-such-compiler-here")
-    assert not train.auto_compile(cpu, 10 ** 9)  # inductor could not build its kernels
-    assert train.get_args([]).compile is None and train.get_args(["--no-compile"]).compile is False
