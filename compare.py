@@ -374,7 +374,7 @@ def main():
     p.add_argument("--data", default=REGIME["data"], choices=[n for n in data.DATASETS if n != "imagenet"])
     p.add_argument("--models", nargs="+", default=MODELS[:1], choices=MODELS)
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    p.add_argument("--seeds", nargs="+", type=int, default=list(range(5)))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=REGIME["epochs"])
     p.add_argument("--subset", type=int, default=REGIME["subset"], help="training images per run, 0 = all")
     p.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else 2,
