@@ -520,7 +520,7 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 def adapt_state_dict(state_dict: dict, model: nn.Module, reset_head: bool = True) -> tuple[dict, list[str]]:
-    """A checkpoint's state dict made to fit model, and one note per change: (state dict, notes).
+    """A checkpoint's state dict made to fit model: (state dict, notes), a line per kind of change.
 
     The result loads with model.load_state_dict(strict=True). Adapted: the position embedding to the
     model's token grid, Swin's bias tables to its windows, the patch-embedding kernels to its input
