@@ -2,6 +2,7 @@
 
     python train.py                                            # vit_mini on the built-in synthetic set
     python train.py --data fashion_mnist --epochs 10
+    python train.py --data imagenet --data-path /my/folders --finetune deit_small_patch16_224-cd65a155.pth
     torchrun --nproc_per_node=8 train.py --data imagenet --data-path /imagenet --model deit_s
 
 One loop for every device: CUDA with bf16 autocast when present, the CPU otherwise; DDP when launched
@@ -11,6 +12,9 @@ by torchrun (NCCL on GPUs, gloo on CPUs). Recipes: DeiT (Touvron et al. 2021) an
 The target of a CutMix batch is chosen by --target (paper Sec. 3): `tl_align`, the class token's aligned
 label; `area`, CutMix's lam (paper Eq. (1)); `transmix`, TransMix's attention lam. Mixup batches always
 use the area target, which is exact for them (tl_align.mixup).
+
+--finetune starts a new run from weights in any of the usual files (load_checkpoint), adapted to the
+model's image size, windows, channels and classes (vit.adapt_state_dict).
 """
 import argparse
 import json
@@ -65,6 +69,8 @@ def get_args(argv=None):
     p.add_argument("--data", default="synthetic", choices=list(data.DATASETS))
     p.add_argument("--data-path", default=None, help="data directory (default: the data set's own)")
     p.add_argument("--model", default=None, choices=list(vit.PRESETS), help="default: the data set's recipe")
+    p.add_argument("--img-size", type=int, default=None, help="input size, image folders only (default: 224)")
+    p.add_argument("--window-size", type=int, default=None, help="Swin's window (default: the preset's)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None, help="per process")
     p.add_argument("--lr", type=float, default=None, help="default: the recipe's, scaled to the global batch")
@@ -96,7 +102,9 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=8, help="ImageNet loader processes per GPU")
     p.add_argument("--output-dir", default="runs/default")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
-    p.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint")
+    p.add_argument("--finetune", default=None,
+                   help="start a new run from these weights: train.py's, DeiT's, timm's (.pth, .bin, .safetensors)")
+    p.add_argument("--eval", action="store_true", help="only evaluate the --resume or --finetune weights")
     p.add_argument("--log-every", type=int, default=50, help="steps between progress lines")
     p.add_argument("--eval-every", type=int, default=1, help="epochs between evaluations (the last always is)")
     args = p.parse_args(argv)
@@ -115,7 +123,7 @@ def get_args(argv=None):
 
 def check_args(args):
     """Refuse settings that cannot train, with the one line that says what to change."""
-    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every"):
+    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every", "img_size", "window_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
@@ -130,6 +138,14 @@ def check_args(args):
     if args.target == "transmix" and vit.PRESETS[args.model]["family"] != "vit":
         raise UserError(f"--target transmix needs a class-token model (deit_*, vit_mini), not {args.model}: "
                         f"TransMix is defined on the class token's attention")
+    if args.finetune and args.resume:
+        raise UserError("--finetune starts a new run from weights, --resume continues a run: give one "
+                        "(a fine-tuning run continues with --resume alone)")
+    if args.img_size is not None and args.data != "imagenet":
+        raise UserError(f"--img-size: --data {args.data} is held in memory at {data.DATASETS[args.data]['img_size']} "
+                        f"px; only image folders (--data imagenet) are resized")
+    if args.window_size is not None and vit.PRESETS[args.model]["family"] != "swin":
+        raise UserError(f"--window-size is for Swin models; {args.model} has no windows")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -160,8 +176,11 @@ def build_data(args, rank, world):
     if args.data == "imagenet":
         if args.data_path is None:
             raise UserError("--data imagenet needs --data-path DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG)")
+        # any folders in ImageNet's layout: the size is free, the classes are the folders
+        info = dict(info, img_size=args.img_size or info["img_size"])
         train_set = data.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
         val_set = data.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
+        info["num_classes"] = len(train_set.classes)
         if args.subset is not None:
             train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
         sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
@@ -242,18 +261,55 @@ def save_atomic(obj, path):
 
 
 def load_checkpoint(path):
-    """A checkpoint written by this script, loaded without running code from the file (weights_only)."""
+    """{'model': state dict, ...} from a file, loaded without running code from it.
+
+    Reads train.py's checkpoint.pt / best.pt, DeiT's and the official TL-Align's .pth ({'model': state
+    dict}; their training checkpoints add 'optimizer', 'epoch' and 'args', an argparse.Namespace made a
+    dict here), a bare state dict (timm's .pth / .bin) and .safetensors (needs the safetensors package).
+    """
     if not os.path.isfile(path):
         what = "is a directory" if os.path.isdir(path) else "not found"
-        raise UserError(f"checkpoint {path} {what}; give the path of a checkpoint.pt written by train.py")
+        raise UserError(f"checkpoint {path} {what}; give the path of a checkpoint file")
+    if path.endswith(".safetensors"):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"{path}: reading .safetensors files needs the safetensors package "
+                            f"(pip install safetensors)") from None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not from "
-                        f"train.py: use another checkpoint or start without --resume") from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise UserError(f"checkpoint {path} holds no model weights; it was not written by train.py")
+        if path.endswith(".safetensors"):
+            ckpt = load_file(path)
+        else:  # weights_only: tensors and plain containers, plus the Namespace of DeiT's checkpoints
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not a "
+                        f"checkpoint: use another file") from None
+    if isinstance(ckpt, dict) and "model" not in ckpt:
+        ckpt = {"model": ckpt}  # a bare state dict
+    weights = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"checkpoint {path} holds no model weights: neither a state dict nor a dict with one "
+                        f"under 'model'")
+    if isinstance(ckpt.get("args"), argparse.Namespace):
+        ckpt["args"] = vars(ckpt["args"])
     return ckpt
+
+
+def finetune_from(model, args, log):
+    """Load the --finetune weights into a new model, adapted to it (vit.adapt_state_dict), strictly.
+
+    The classifier is re-initialised if the class count differs, except with --eval, where it must fit.
+    """
+    try:
+        state, notes = vit.adapt_state_dict(load_checkpoint(args.finetune)["model"], model,
+                                            reset_head=not args.eval)
+    except ValueError as e:
+        raise UserError(f"--finetune {args.finetune} does not fit --model {args.model} on --data {args.data}: "
+                        f"{e}") from None
+    model.load_state_dict(state, strict=True)  # nothing is skipped: every parameter fits, or we stopped above
+    for note in notes:
+        log(f"finetune: {note}")
 
 
 def drop_later_epochs(log_path, start_epoch):
@@ -386,12 +442,15 @@ def run(args):
         per_rank = train_loader.num_samples if isinstance(train_loader, data.Loader) else len(train_loader.sampler)
         raise UserError(f"no training step: {per_rank} training samples per process are fewer than "
                         f"--batch-size {args.batch_size}; lower --batch-size or raise --subset")
+    window = {"window_size": args.window_size} if args.window_size else {}
     try:
         model = vit.create_model(args.model, num_classes=info["num_classes"], img_size=info["img_size"],
                                  in_chans=info["in_chans"], drop_path_rate=args.drop_path,
-                                 fused_attn=args.fused_attn)
+                                 fused_attn=args.fused_attn, **window)
     except ValueError as e:  # an image size the architecture cannot take
         raise UserError(f"--model {args.model} on --data {args.data}: {e}") from None
+    if args.finetune:
+        finetune_from(model, args, log)
     model.to(device)
     if args.lr is None:
         args.lr = args.lr_recipe[0] * args.batch_size * world / args.lr_recipe[1]
@@ -411,11 +470,12 @@ def run(args):
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
             raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
-                            f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')})") from None
+                            f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')}); --finetune "
+                            f"adapts weights of another size, class or channel count") from None
         if not args.eval:
             if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
                 raise UserError(f"{args.resume} holds weights only (best.pt?): resume from checkpoint.pt, "
-                                f"or evaluate it with --eval")
+                                f"evaluate it with --eval or start a new run from it with --finetune")
             optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
             if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
@@ -426,7 +486,7 @@ def run(args):
                                 f"nothing left to train; raise --epochs to continue")
     if args.eval:
         top1, top5 = evaluate(model, val_loader, device, autocast)
-        log(f"eval {args.resume or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
+        log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
         return
     raw = model
     if world > 1:

@@ -1,0 +1,319 @@
+"""Tests of fine-tuning from other weights: the file formats, the resizes, the channel and head rules, the errors.
+
+Checkpoints are written here in each format's exact layout, from real timm models built from their local
+configs (never downloaded); the resizes are checked against cubic convolution written out below.
+"""
+import argparse
+import json
+import math
+import sys
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
+from timm.models import adapt_input_conv as timm_adapt_input_conv
+from timm.models.swin_transformer import SwinTransformer as TimmSwin
+
+import train
+import vit
+
+SMALL = ["--subset", "256", "--batch-size", "64", "--log-every", "1000"]
+
+
+def timm_swin_mini():
+    """timm's Swin in swin_mini's configuration (patch 2, window 4, dims 48/96/192), 10 classes."""
+    return TimmSwin(img_size=32, patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                    num_classes=10)
+
+
+def cubic_matrix(n_in: int, n_out: int, a: float = -0.75) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-d cubic convolution (Keys, a = -0.75) on half-pixel centres, edges clamped:
+    the rule of bicubic resizing with align_corners=False and no antialiasing, written out."""
+    def kernel(x):
+        x = abs(x)
+        if x <= 1:
+            return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+        return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a if x < 2 else 0.0
+
+    M = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5  # output pixel centre in input coordinates
+        for j in range(math.floor(src) - 1, math.floor(src) + 3):
+            M[i, min(max(j, 0), n_in - 1)] += kernel(src - j)
+    return M
+
+
+def resize_grid(grid: torch.Tensor, n: int) -> torch.Tensor:
+    """(g, g, C) -> (n, n, C): the separable 2-d resize of every channel, M G M^T."""
+    M = cubic_matrix(grid.shape[0], n)
+    return torch.einsum("ij,jkc,lk->ilc", M, grid.double(), M).float()
+
+
+def run_main(argv, capsys):
+    """train.main in this process; returns (exit code, stdout, stderr)."""
+    try:
+        train.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------- formats
+
+def test_every_format_loads_timms_weights_and_gives_timms_logits(tmp_path):
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    sd = reference.state_dict()
+    deit_args = argparse.Namespace(model="deit_tiny_patch16_224", lr=5e-4, input_size=224, resume="", mixup=0.8)
+    files = {  # each format as its own code writes it
+        "ours.pt": dict(model=sd, optimizer={"state": {}, "param_groups": []}, scheduler={}, scaler={}, epoch=0,
+                        best_top1=1.0, args={"model": "deit_t"}),
+        "deit_release.pth": {"model": sd},  # DeiT's and TL-Align's published files
+        "deit_training.pth": dict(model=sd, optimizer={"state": {}, "param_groups": []}, lr_scheduler={"a": 1},
+                                  epoch=299, model_ema=sd, scaler={"scale": 1.0}, args=deit_args),
+        "timm.pth": sd,
+        "pytorch_model.bin": sd,
+    }
+    for name, obj in files.items():
+        torch.save(obj, tmp_path / name)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(x)
+    for name in [*files, "model.safetensors"]:
+        ckpt = train.load_checkpoint(str(tmp_path / name))
+        assert ckpt["model"].keys() == sd.keys() and all(torch.equal(ckpt["model"][k], sd[k]) for k in sd), name
+        model = vit.create_model("deit_t").eval()
+        state, notes = vit.adapt_state_dict(ckpt["model"], model)
+        assert notes == ["classifier kept: the checkpoint has the same class count"], name
+        model.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            assert torch.allclose(model(x), expected, atol=1e-4), name
+    assert train.load_checkpoint(str(tmp_path / "deit_training.pth"))["args"]["model"] == "deit_tiny_patch16_224"
+
+
+def test_loading_never_runs_code_from_the_file(tmp_path, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # unpickling would call open(marker, "w")
+            return open, (str(marker), "w")
+
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pth")
+    code, _, err = run_main(["--finetune", str(tmp_path / "evil.pth"), *SMALL, "--output-dir", str(tmp_path)], capsys)
+    assert code == 2 and "cannot be read" in err and not marker.exists()
+
+
+def test_safetensors_without_the_package_is_one_line(tmp_path, monkeypatch, capsys):
+    model = vit.create_model("vit_mini", num_classes=10)
+    save_file(model.state_dict(), tmp_path / "model.safetensors")
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed: the import fails
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    code, _, err = run_main(["--finetune", str(tmp_path / "model.safetensors"), *SMALL, "--epochs", "1",
+                             "--output-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "needs the safetensors package" in err
+
+
+# ----------------------------------------------------------------------------- resizes
+
+def test_pos_embed_resize_is_bicubic_over_the_patch_grid():
+    torch.manual_seed(1)
+    pos = torch.randn(1, 1 + 8 * 8, 5)
+    assert vit.resample_pos_embed(pos, 8) is pos  # same grid: untouched
+    for n in (12, 5):  # enlarge and shrink
+        out = vit.resample_pos_embed(pos, n)
+        assert out.shape == (1, 1 + n * n, 5) and torch.equal(out[:, 0], pos[:, 0])  # the class token kept
+        expected = resize_grid(pos[0, 1:].reshape(8, 8, 5), n).reshape(1, n * n, 5)  # row-major tokens
+        assert torch.allclose(out[:, 1:], expected, atol=1e-5)
+        # timm's function agrees once its default antialiasing is off (DeiT's code never antialiases)
+        assert torch.allclose(out, resample_abs_pos_embed(pos, [n, n], antialias=False), atol=1e-6)
+
+
+def test_bias_table_resize_is_bicubic_over_the_offsets():
+    torch.manual_seed(2)
+    w, heads = 4, 3
+    table = torch.randn((2 * w - 1) ** 2, heads)
+    assert vit.resample_bias_table(table, w) is table
+    for window in (7, 2):
+        out = vit.resample_bias_table(table, window)
+        side = 2 * window - 1
+        expected = resize_grid(table.reshape(2 * w - 1, 2 * w - 1, heads), side).reshape(side * side, heads)
+        assert out.shape == (side * side, heads) and torch.allclose(out, expected, atol=1e-5)
+        # the centre is offset (0, 0) in both tables, and bicubic at a source sample is that sample
+        assert torch.allclose(out[side * side // 2], table[(2 * w - 1) ** 2 // 2], atol=1e-6)
+
+
+def test_swin_in_timms_layout_loads_for_another_window():
+    torch.manual_seed(3)
+    reference = timm_swin_mini().eval()
+    sd = dict(reference.state_dict())
+    model = vit.create_model("swin_mini", num_classes=10).eval()
+    # buffers in the file (as in Microsoft's checkpoints) are ignored, even wrong ones
+    sd["layers.0.blocks.1.attn_mask"] = torch.ones(16, 16, 16)
+    sd["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
+    state, notes = vit.adapt_state_dict(sd, model)
+    model.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-5)
+    smaller = vit.create_model("swin_mini", num_classes=10, window_size=2)
+    state, notes = vit.adapt_state_dict(reference.state_dict(), smaller)
+    smaller.load_state_dict(state, strict=True)
+    assert "relative-position bias tables resized for windows 4 -> 2 (bicubic)" in notes
+    key = "layers.1.blocks.0.attn.relative_position_bias_table"
+    assert torch.equal(state[key], vit.resample_bias_table(reference.state_dict()[key], 2))
+
+
+# ----------------------------------------------------------------------------- channels and classes
+
+def test_grey_images_through_summed_kernels_match_their_rgb_copies():
+    torch.manual_seed(4)
+    rgb = vit.create_model("vit_mini", num_classes=10).eval()
+    grey = vit.create_model("vit_mini", num_classes=10, in_chans=1).eval()
+    state, notes = vit.adapt_state_dict(rgb.state_dict(), grey)
+    grey.load_state_dict(state, strict=True)
+    assert "patch_embed.proj.weight adapted from 3 to 1 input channels (summed)" in notes
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(grey(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-5)
+        # six channels: the kernels repeated and halved, so an image given twice gets the RGB embedding
+        six = vit.create_model("vit_mini", num_classes=10, in_chans=6).eval()
+        six.load_state_dict(vit.adapt_state_dict(rgb.state_dict(), six)[0], strict=True)
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(six(torch.cat([x, x], dim=1)), rgb(x), atol=1e-5)
+    w = rgb.patch_embed.proj.weight.detach()
+    for c in (1, 2, 4, 6):  # timm's rule, including the counts that are not a multiple of 3
+        assert torch.equal(vit.adapt_input_conv(w, c), timm_adapt_input_conv(c, w))
+
+
+@pytest.mark.parametrize("name", ["vit_mini", "swin_mini"])
+def test_head_is_reset_for_another_class_count_and_kept_for_the_same(name):
+    torch.manual_seed(5)
+    source = vit.create_model(name, num_classes=10).state_dict()
+    head = [k for k in source if k.startswith("head.")]
+    assert head == (["head.weight", "head.bias"] if name == "vit_mini" else ["head.fc.weight", "head.fc.bias"])
+    for classes in (5, 10):
+        model = vit.create_model(name, num_classes=classes)
+        fresh = {k: v.clone() for k, v in model.state_dict().items()}
+        state, notes = vit.adapt_state_dict(source, model)
+        model.load_state_dict(state, strict=True)
+        loaded = model.state_dict()
+        for k in source:
+            expected = fresh[k] if k in head and classes != 10 else source[k]
+            assert torch.equal(loaded[k], expected), (classes, k)
+        if classes == 5:
+            assert notes == ["classifier re-initialised: 10 classes in the checkpoint, 5 here"]
+            with pytest.raises(ValueError, match=rf"{head[0]} is \(10, \d+\) in the checkpoint, \(5, \d+\)"):
+                vit.adapt_state_dict(source, model, reset_head=False)  # --eval keeps the head or stops
+
+
+def test_distilled_deit_loses_its_distillation_token():
+    torch.manual_seed(6)
+    sd = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).state_dict()
+    assert {"dist_token", "head_dist.weight", "head_dist.bias"} <= sd.keys() and sd["pos_embed"].shape[1] == 198
+    model = vit.create_model("deit_t", img_size=112)
+    state, notes = vit.adapt_state_dict(sd, model)
+    model.load_state_dict(state, strict=True)
+    assert notes[0].startswith("distilled DeiT: dropped dist_token, head_dist.weight, head_dist.bias")
+    # the class token's position survives, the patch positions are those after the distillation token
+    assert torch.equal(state["pos_embed"][:, 0], sd["pos_embed"][:, 0])
+    assert torch.allclose(state["pos_embed"], vit.resample_pos_embed(sd["pos_embed"][:, [0, *range(2, 198)]], 7))
+    assert torch.equal(state["head.weight"], sd["head.weight"])
+
+
+# ----------------------------------------------------------------------------- errors
+
+def write_checkpoints(tmp_path):
+    """Checkpoints that do not fit vit_mini on the synthetic set, each in train.py's layout."""
+    def save(name, model, **extra):
+        torch.save({"model": {**model.state_dict(), **extra}}, tmp_path / name)
+
+    save("swin.pt", vit.create_model("swin_mini", num_classes=10))
+    save("shallow.pt", vit.create_model("vit_mini", num_classes=10, depth=4))
+    save("narrow.pt", vit.create_model("vit_mini", num_classes=10, embed_dim=48))
+    save("extra.pt", vit.create_model("vit_mini", num_classes=10), **{"extra.weight": torch.zeros(3)})
+    save("five.pt", vit.create_model("vit_mini", num_classes=5))
+    torch.save({"model": "weights"}, tmp_path / "empty.pt")
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+
+
+ERRORS = {  # arguments -> what the one line must say
+    "another_family": (["--finetune", "{tmp}/swin.pt"], "cls_token (1, 1, 96) is missing from the checkpoint"),
+    "another_depth": (["--finetune", "{tmp}/shallow.pt"], "blocks.4.norm1.weight (96,) is missing"),
+    "another_width": (["--finetune", "{tmp}/narrow.pt"], "cls_token is (1, 1, 48) in the checkpoint, (1, 1, 96)"),
+    "unexpected_key": (["--finetune", "{tmp}/extra.pt"], "extra.weight (3,) in the checkpoint has no place"),
+    "eval_other_classes": (["--eval", "--finetune", "{tmp}/five.pt"], "head.weight is (5, 96) in the checkpoint"),
+    "no_weights": (["--finetune", "{tmp}/empty.pt"], "holds no model weights"),
+    "corrupt": (["--finetune", "{tmp}/corrupt.pth"], "cannot be read"),
+    "missing": (["--finetune", "{tmp}/nowhere.pth"], "not found"),
+    "with_resume": (["--finetune", "{tmp}/five.pt", "--resume", "{tmp}/five.pt"], "give one"),
+    "img_size_small_data": (["--img-size", "48"], "--img-size: --data synthetic is held in memory at 32 px"),
+    "window_on_vit": (["--window-size", "2"], "--window-size is for Swin models"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERRORS))
+def test_errors_exit_2_with_one_line(tmp_path, capsys, case):
+    write_checkpoints(tmp_path)
+    args, message = ERRORS[case]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, _, err = run_main([*SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args], capsys)
+    assert code == 2, err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert message in err, err
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_finetune_run_starts_from_the_adapted_weights(tmp_path, capsys, monkeypatch):
+    """Synthetic RGB pretraining -> Fashion-MNIST (grey, other classes); with a ~zero lr the fine-tuned
+    weights are the adapted pretrained ones, so the run must have loaded them."""
+    load = train.data.load_small
+
+    def small_val(name, path, **kw):  # validation on the first 500 images: seconds instead of a minute
+        return load(name, path, **{**kw, "subset": kw.get("subset") if kw["train"] else 500})
+
+    monkeypatch.setattr(train.data, "load_small", small_val)
+    pre, ft = tmp_path / "pre", tmp_path / "ft"
+    assert run_main(["--epochs", "1", *SMALL, "--output-dir", str(pre)], capsys)[0] == 0
+    code, out, err = run_main(["--data", "fashion_mnist", "--finetune", str(pre / "best.pt"), "--epochs", "1",
+                               *SMALL, "--lr", "1e-12", "--output-dir", str(ft)], capsys)
+    assert code == 0, err
+    assert "finetune: patch_embed.proj.weight adapted from 3 to 1 input channels (summed)" in out
+    assert "finetune: classifier kept" in out  # 10 shapes -> 10 garments: the same count
+    before = torch.load(pre / "best.pt", weights_only=True)["model"]
+    after = torch.load(ft / "checkpoint.pt", weights_only=True)["model"]
+    assert torch.allclose(after["patch_embed.proj.weight"], before["patch_embed.proj.weight"].sum(1, keepdim=True),
+                          atol=1e-6)
+    assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before if k != "patch_embed.proj.weight")
+    # --eval takes the same file and gives the run's own number
+    top1 = json.loads((ft / "log.jsonl").read_text())["val_top1"]
+    code, out, err = run_main(["--data", "fashion_mnist", "--eval", "--finetune", str(ft / "best.pt")], capsys)
+    assert code == 0 and f"top-1 {top1:.2f}%" in out, err
+
+
+def test_finetune_on_image_folders_at_another_size(tmp_path, capsys):
+    """--img-size on folders of two classes: the position grid grows from 8x8 to 12x12, the head shrinks to 2."""
+    torch.manual_seed(7)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / "folders" / split / c).mkdir(parents=True)
+            for i in range(2):
+                pixels = (torch.rand(40, 40, 3) * 255).byte().numpy()
+                Image.fromarray(pixels).save(tmp_path / "folders" / split / c / f"{i}.png")
+    pre = tmp_path / "pre"
+    torch.save({"model": vit.create_model("vit_mini", num_classes=10).state_dict()}, tmp_path / "pre.pth")
+    code, out, err = run_main(["--data", "imagenet", "--data-path", str(tmp_path / "folders"), "--model", "vit_mini",
+                               "--img-size", "48", "--finetune", str(tmp_path / "pre.pth"), "--epochs", "1",
+                               "--batch-size", "2", "--workers", "0", "--output-dir", str(pre)], capsys)
+    assert code == 0, err
+    assert "finetune: pos_embed resized from 8x8 to 12x12 patch positions (bicubic)" in out
+    assert "finetune: classifier re-initialised: 10 classes in the checkpoint, 2 here" in out
+    state = torch.load(pre / "checkpoint.pt", weights_only=True)["model"]
+    assert state["pos_embed"].shape == (1, 1 + 12 * 12, 96) and state["head.weight"].shape == (2, 96)
