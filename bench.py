@@ -3,12 +3,15 @@
     python bench.py                                  # deit_t, deit_s, swin_t at 224 px, and the 32 px presets
     python bench.py --model deit_s --batch-size 64 --device cuda --amp bf16
     python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
+    python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
 
 Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
   tl_k2     TL-Align tracking K = 2 source weights per token (this repository)
   tl_kC     TL-Align pushing full C-class token labels, (B, N, C) per layer (the official formulation)
   transmix  TransMix's target from the last class-token attention (class-token models only)
+  track     TL-Align's K = 2 labels carried beside the model by track.track_labels' hooks (ViTs; the
+            only TL-Align mode of a timm model, --timm, which runs plain and track)
 Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike.
 Times are medians over the repetitions; a mode's time ratio is the median of its step against the plain
 step of the same repetition, with the 95% interval of that median. Peak memory: CUDA's
@@ -29,20 +32,36 @@ import torch.nn.functional as F
 
 import tl_align as tl
 import vit
+from track import track_labels
 
-MODES = ["plain", "tl_k2", "tl_kC", "transmix"]
+MODES = ["plain", "tl_k2", "tl_kC", "transmix"]  # the default; "track" on request
 DEFAULT_MODELS = {"deit_t": 32, "deit_s": 16, "swin_t": 16, "vit_mini": 128, "swin_mini": 128}  # CPU batch sizes
 
 
 def build(name, fused, device, num_classes):
+    """A vit.py preset, or else a timm model by its name (random weights), attention fused or not."""
     torch.manual_seed(0)
-    model = vit.create_model(name, num_classes=num_classes, fused_attn=fused).to(device)
+    if name in vit.PRESETS:
+        model = vit.create_model(name, num_classes=num_classes, fused_attn=fused)
+    else:
+        import timm  # only for --timm
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        for m in model.modules():
+            if isinstance(m, timm.layers.Attention):
+                m.fused_attn = fused
+    model = model.to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def geometry(model):
+    """Patch size and image side of a vit.py or timm ViT (timm keeps (height, width) pairs)."""
+    p, size = model.patch_embed.patch_size, model.patch_embed.img_size
+    return (p[0], size[0]) if isinstance(p, tuple) else (p, size)
 
 
 def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes, smoothing=0.1):
     """A closure running one training step of `mode` on a fixed random batch."""
-    p, size = model.patch_embed.patch_size, model.patch_embed.img_size
+    p, size = geometry(model)
     x = torch.randn(batch_size, 3, size, size, device=device)
     y = torch.randint(num_classes, (batch_size,), device=device)
     sources = torch.stack([y, y.flip(0)], dim=1)
@@ -56,6 +75,10 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
                 logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
             elif mode == "tl_k2":
                 logits, weights = model(xm, w)
+            elif mode == "track":
+                with track_labels(model, w) as t:
+                    logits = model(xm)
+                weights = t.label
             elif mode == "tl_kC":  # token labels over the C classes, as the official code carries them
                 tokens = torch.einsum("bnk,bkc->bnc", w, F.one_hot(sources, num_classes).float())
                 logits, label = model(xm, tokens)
@@ -139,7 +162,11 @@ def bench_model(args, name, batch_size, device):
     rows = []
     for fused in {"off": [False], "on": [True], "both": [False, True]}[args.fused]:
         model, opt = build(name, fused, device, args.num_classes)
-        modes = [m for m in args.modes if m != "transmix" or isinstance(model, vit.VisionTransformer)]
+        if name not in vit.PRESETS:  # a timm model takes no labels itself
+            modes = ["plain", "track"]
+        else:  # transmix and track need a class-token ViT
+            vit_only = ("transmix", "track")
+            modes = [m for m in args.modes if m not in vit_only or isinstance(model, vit.VisionTransformer)]
         steps = {m: make_step(model, opt, m, batch_size, device, autocast, args.num_classes) for m in modes}
         times = {m: [] for m in modes}
         peaks = {m: 0.0 for m in modes}
@@ -178,7 +205,8 @@ def median_with_ci(values):
 def inference_rate(model, batch_size, device, autocast, reps):
     """Images per second of model(x) in eval mode, no labels (median of reps)."""
     model.eval()
-    x = torch.randn(batch_size, 3, model.patch_embed.img_size, model.patch_embed.img_size, device=device)
+    size = geometry(model)[1]
+    x = torch.randn(batch_size, 3, size, size, device=device)
     with autocast:
         model(x)
         rate = batch_size / statistics.median(timed(lambda: model(x), device) for _ in range(reps))
@@ -213,7 +241,8 @@ def summary(rows):
         for attn in ("explicit", "fused"):
             if (attn, "plain") in get:
                 costs = [f"{label} {100 * (get[(attn, mode)]['ratio'] - 1):+.1f}%"
-                         for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C")) if (attn, mode) in get]
+                         for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C"), ("track", "track"))
+                         if (attn, mode) in get]
                 parts.append(f"{name} {attn}: " + ", ".join(costs))
         if ("fused", "plain") in get and ("explicit", "plain") in get:
             speed = get[("fused", "plain")]["ms"] / get[("explicit", "plain")]["ms"]
@@ -224,7 +253,8 @@ def summary(rows):
 def profile(args, name, device):
     model, opt = build(name, args.fused == "on", device, args.num_classes)
     batch_size = args.batch_size or DEFAULT_MODELS.get(name, 16)
-    step = make_step(model, opt, "tl_k2", batch_size, device, autocast_for(args, device), args.num_classes)
+    mode = "tl_k2" if name in vit.PRESETS else "track"  # a timm model carries labels only through track.py
+    step = make_step(model, opt, mode, batch_size, device, autocast_for(args, device), args.num_classes)
     step()
     with torch.profiler.profile() as prof:
         step()
@@ -234,13 +264,17 @@ def profile(args, name, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), choices=list(vit.PRESETS))
+    p.add_argument("--model", nargs="+", choices=list(vit.PRESETS), help=f"default: {' '.join(DEFAULT_MODELS)}, "
+                   "or none if --timm is given")
+    p.add_argument("--timm", nargs="+", default=[], metavar="NAME", help="timm models (pretrained=False), timed "
+                   "plain and with track.track_labels")
     p.add_argument("--batch-size", type=int, default=None, help="default: per model, sized for a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     p.add_argument("--fused", default="both", choices=["off", "on", "both"], help="fused attention")
     p.add_argument("--num-classes", type=int, default=1000, help="C of the K = C mode (ImageNet's 1000)")
-    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="plain is the reference of the ratios")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES + ["track"],
+                   help="plain is the reference of the ratios")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes (one process each)")
@@ -253,12 +287,13 @@ def main():
         name, mode, fused = args.probe_memory
         return probe_memory(args, name, mode, fused == "1")
     device = torch.device(args.device)
+    models = args.model or ([] if args.timm else list(DEFAULT_MODELS))
     if args.profile:
-        return profile(args, args.model[0], device)
+        return profile(args, (models + args.timm)[0], device)
     rows = []
     print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(HEADER, flush=True)
-    for name in args.model:  # each model's rows as soon as they are measured
+    for name in models + args.timm:  # each model's rows as soon as they are measured
         rows += bench_model(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16), device)
         print_rows([r for r in rows if r["model"] == name])
         sys.stdout.flush()

@@ -28,3 +28,17 @@ def test_median_interval_is_the_sign_test_one():
     # n = 25: the 95% interval of the median is the 8th to the 18th value (binomial tables)
     assert bench.median_with_ci(list(range(25, 0, -1))) == (13, 8, 18)
     assert bench.median_with_ci([1.0, 3.0]) == (2.0, 1.0, 3.0)  # few values: the range
+
+
+def test_bench_times_a_timm_model_with_and_without_tracking():
+    # timm's own tiny test_vit (160 px, 6 blocks of width 64)
+    cmd = [sys.executable, "bench.py", "--timm", "test_vit", "--fused", "on", "--batch-size", "2",
+           "--reps", "1", "--warmup", "0", "--no-memory"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()]
+    assert [r[2] for r in rows if r[:2] == ["test_vit", "fused"]] == ["plain", "track", "inference"]
+    track = [r for r in rows if r[2] == "track"][0]
+    plain = [r for r in rows if r[2] == "plain"][0]
+    assert float(track[3]) > 0 and track[10] == plain[10]  # a measured time; autograd saves nothing more (MB)
+    assert p.stdout.splitlines()[-1].startswith("summary: test_vit fused: track ")
