@@ -20,6 +20,7 @@ from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTF
 
 import tl_align as tl
 import vit
+from test_alignment import random_token_labels
 from track import track_labels
 
 
@@ -55,11 +56,6 @@ def set_fused(model, fused: bool):
     for m in model.modules():
         if isinstance(m, Attention):
             m.fused_attn = fused
-
-
-def token_labels(B: int, N: int, K: int = 3, seed: int = 0) -> torch.Tensor:
-    """(B, N, K) random rows on the simplex."""
-    return torch.rand(B, N, K, generator=torch.Generator().manual_seed(seed)).softmax(-1)
 
 
 def reference(maps, w, prefix: int) -> torch.Tensor:
@@ -126,7 +122,7 @@ def test_timm_deit_equals_vit_py_labels_on_the_same_weights(deit_pair, fused):
 @pytest.mark.parametrize("fused", [False, True])
 def test_vit_py_tracked_equals_its_own_label_path(fused):
     model = perturb(vit.create_model("vit_mini", num_classes=5, depth=3, fused_attn=fused)).eval()
-    x, w = torch.randn(3, 3, 32, 32), token_labels(3, model.num_patches)
+    x, w = torch.randn(3, 3, 32, 32), random_token_labels(3, model.num_patches, 3)
     with torch.no_grad():
         _, label_ref = model(x, w)
     _, label = tracked(model, x, w)
@@ -162,7 +158,7 @@ def test_timm_prefix_tokens_and_pooling_equal_the_loop_on_timms_own_maps(case):
     build, readout, prefix = TIMM_CASES[case]
     model = build()
     assert model.num_prefix_tokens == prefix
-    x, w = torch.randn(3, 3, 32, 32), token_labels(3, 16)
+    x, w = torch.randn(3, 3, 32, 32), random_token_labels(3, 16, 3)
     expected = readout(reference(timm_attention_maps(model, x), w, prefix))
     _, label = tracked(model, x, w)  # fused attention
     assert (label.double() - expected).abs().max() < 1e-5
@@ -173,7 +169,7 @@ def test_timm_prefix_tokens_and_pooling_equal_the_loop_on_timms_own_maps(case):
 @pytest.mark.parametrize("family, prefix", [("vit", 1), ("deit", 2)])
 def test_hf_equals_the_loop_on_its_own_output_attentions(family, prefix, implementation):
     model = hf_model(family, "eager")
-    x, w = torch.randn(3, 3, 32, 32), token_labels(3, 16)
+    x, w = torch.randn(3, 3, 32, 32), random_token_labels(3, 16, 3)
     with torch.no_grad():
         out = model(x, output_attentions=True)
     assert len(out.attentions) == 3 and out.attentions[0].shape == (3, 4, 16 + prefix, 16 + prefix)
@@ -207,7 +203,7 @@ def run_step(model, x, w, track: bool):
 ], ids=["timm", "hf"])
 def test_tracking_changes_no_logit_no_gradient_and_saves_nothing_for_backward(build):
     model = build()
-    x, w = torch.randn(4, 3, 32, 32), token_labels(4, 16)
+    x, w = torch.randn(4, 3, 32, 32), random_token_labels(4, 16, 3)
     logits_a, grads_a, saved_a, _ = run_step(model, x, w, track=False)
     logits_b, grads_b, saved_b, t = run_step(model, x, w, track=True)
     assert torch.equal(logits_a, logits_b)
@@ -219,9 +215,9 @@ def test_tracking_changes_no_logit_no_gradient_and_saves_nothing_for_backward(bu
 def test_hooks_are_removed_on_exit_and_after_an_error():
     model = timm_vit()
     before = forward_hook_count(model)
-    x, w = torch.randn(2, 3, 32, 32), token_labels(2, 16)
+    x, w = torch.randn(2, 3, 32, 32), random_token_labels(2, 16, 3)
     with pytest.raises(ValueError, match="15 patches"):  # raised inside a hook, mid-forward
-        with track_labels(model, token_labels(2, 15)):
+        with track_labels(model, random_token_labels(2, 15, 3)):
             assert forward_hook_count(model) == before + 3 * len(model.blocks)
             model(x)
     assert forward_hook_count(model) == before
@@ -238,13 +234,29 @@ def test_hooks_are_removed_on_exit_and_after_an_error():
 
 def test_label_is_float32_under_bf16_autocast():
     model = timm_vit()
-    x, w = torch.randn(3, 3, 32, 32), token_labels(3, 16)
+    x, w = torch.randn(3, 3, 32, 32), random_token_labels(3, 16, 3)
     _, label32 = tracked(model, x, w)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, label = tracked(model, x, w)
     assert logits.dtype == torch.bfloat16 and label.dtype == torch.float32
     assert (label.sum(-1) - 1).abs().max() < 1e-5
     assert (label - label32).abs().max() < 2e-2  # bf16 q and k, same labels to their precision
+
+
+def test_gradient_checkpointing_backward_after_the_block():
+    """Checkpointing re-runs each block's forward during backward: outside the block nobody watches."""
+    model = timm_vit().train()
+    x, w = torch.randn(2, 3, 32, 32), random_token_labels(2, 16, 3)
+    with track_labels(model, w) as plain:
+        model(x)
+    model.set_grad_checkpointing(True)
+    with track_labels(model, w) as t:
+        logits = model(x)
+    logits.sum().backward()
+    assert torch.equal(t.label, plain.label)
+    with pytest.raises(RuntimeError, match="call backward after the block"):
+        with track_labels(model, w):
+            model(x).sum().backward()
 
 
 # 3. Everything else is refused, with a reason ----------------------------------------------------------
@@ -282,13 +294,13 @@ def without_q_proj(model):
 def test_unsupported_models_are_refused_on_entry(build, message):
     model = build()
     with pytest.raises(ValueError, match=message):
-        with track_labels(model, token_labels(1, 16)):
+        with track_labels(model, random_token_labels(1, 16, 3)):
             pass
     assert forward_hook_count(model) == 0
 
 
 def test_what_the_hooks_cannot_reproduce_is_refused_during_the_forward():
-    x, w = torch.randn(2, 3, 32, 32), token_labels(2, 16)
+    x, w = torch.randn(2, 3, 32, 32), random_token_labels(2, 16, 3)
     model = timm_vit()
     with pytest.raises(ValueError, match="attn_mask"):
         with track_labels(model, w):

@@ -10,7 +10,7 @@ runs, and tl_align.attend_labels / align_labels move the labels, in float32 and 
     t.label  # (B, K): the aligned label of what the classifier reads
 
 Supported, each tested in test_track.py (timm 1.0.31, transformers 5.24.0):
-- timm's VisionTransformer and VisionTransformerDistilled (vit_*, deit_*, deit3_*) whose blocks
+- timm's VisionTransformer and VisionTransformerDistilled (vit_*, deit_*) whose blocks
   hold timm.layers.Attention: fused attention on or off, qk_norm, class / distillation / register
   tokens, global_pool 'token' or 'avg'. The hooks sit on attn.q_norm and attn.k_norm (Identity
   unless qk_norm): their outputs are exactly the q and k the attention multiplies, SDPA or not.
