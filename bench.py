@@ -4,6 +4,7 @@
     python bench.py --model deit_s --batch-size 64 --device cuda --amp bf16
     python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
     python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
+    OMP_NUM_THREADS=1 python bench.py --clock cpu ...          # CPU time per step: a shared machine's waits left out
 
 Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
@@ -111,8 +112,8 @@ def saved_mb(step, model):
     return sum(storages.values()) / 2 ** 20
 
 
-def timed(fn, device):
-    """Seconds one call of fn takes (CUDA events on a GPU)."""
+def timed(fn, device, clock=time.perf_counter):
+    """Seconds one call of fn takes (CUDA events on a GPU; on the CPU by `clock`)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -120,9 +121,9 @@ def timed(fn, device):
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def cpu_peak_mb(args, name, mode, fused, batch_size):
@@ -159,6 +160,7 @@ def autocast_for(args, device):
 def bench_model(args, name, batch_size, device):
     """Rows {model, attn, mode, ms, img_s, mem_mb} for every mode, explicit and/or fused."""
     autocast = autocast_for(args, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
     for fused in {"off": [False], "on": [True], "both": [False, True]}[args.fused]:
         model, opt = build(name, fused, device, args.num_classes)
@@ -174,7 +176,7 @@ def bench_model(args, name, batch_size, device):
             for m in modes:  # interleaved
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                t = timed(steps[m], device)
+                t = timed(steps[m], device, clock)
                 if rep >= args.warmup:
                     times[m].append(t)
                 if device.type == "cuda":
@@ -189,7 +191,7 @@ def bench_model(args, name, batch_size, device):
             rows.append(dict(model=name, attn="fused" if fused else "explicit", mode=m, ms=ms, ratio=ratio, lo=lo,
                              hi=hi, img_s=batch_size / ms * 1e3, mem_mb=peaks[m], saved_mb=saved[m]))
         rows.append(dict(model=name, attn="fused" if fused else "explicit", mode="inference",
-                         img_s=inference_rate(model, batch_size, device, autocast, args.reps)))
+                         img_s=inference_rate(model, batch_size, device, autocast, args.reps, clock)))
     return rows
 
 
@@ -202,14 +204,14 @@ def median_with_ci(values):
 
 
 @torch.no_grad()
-def inference_rate(model, batch_size, device, autocast, reps):
+def inference_rate(model, batch_size, device, autocast, reps, clock):
     """Images per second of model(x) in eval mode, no labels (median of reps)."""
     model.eval()
     size = geometry(model)[1]
     x = torch.randn(batch_size, 3, size, size, device=device)
     with autocast:
         model(x)
-        rate = batch_size / statistics.median(timed(lambda: model(x), device) for _ in range(reps))
+        rate = batch_size / statistics.median(timed(lambda: model(x), device, clock) for _ in range(reps))
     model.train()
     return rate
 
@@ -277,6 +279,9 @@ def main():
                    help="plain is the reference of the ratios")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="CPU timing: wall clock, or the process's "
+                   "CPU time, which counts a step's work and not its waiting on a shared machine (use one thread, "
+                   "OMP_NUM_THREADS=1, so that idle threads spinning is not counted)")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes (one process each)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "MODE", "FUSED"), help=argparse.SUPPRESS)
@@ -291,7 +296,8 @@ def main():
     if args.profile:
         return profile(args, (models + args.timm)[0], device)
     rows = []
-    print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock")
     print(HEADER, flush=True)
     for name in models + args.timm:  # each model's rows as soon as they are measured
         rows += bench_model(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16), device)
