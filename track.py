@@ -14,7 +14,7 @@ Supported, each tested in test_track.py (timm 1.0.31, transformers 5.24.0):
   hold timm.layers.Attention: fused attention on or off, qk_norm, class / distillation / register
   tokens, global_pool 'token' or 'avg'. The hooks sit on attn.q_norm and attn.k_norm (Identity
   unless qk_norm): their outputs are exactly the q and k the attention multiplies, SDPA or not.
-- Hugging Face transformers >= 5: ViTForImageClassification, DeiTForImageClassification (class
+- Hugging Face transformers 5: ViTForImageClassification, DeiTForImageClassification (class
   and distillation token), any attention implementation (sdpa, eager, ...). The hooks sit on each
   attention's q_proj and k_proj; transformers 4.x (query / key inside ViTSelfAttention) is refused.
 - vit.py's VisionTransformer, which carries the labels itself (model(x, token_labels)): a cross-check.
