@@ -4,12 +4,16 @@
     python bench.py --model deit_s --batch-size 64 --device cuda --amp bf16
     python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
     python bench.py --model vit_mini --settings      # TL-Align's step in fp32, bf16, bf16 compiled (CPU)
+    python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
+    OMP_NUM_THREADS=1 python bench.py --clock cpu ...          # CPU time per step: a shared machine's waits left out
 
 Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
   tl_k2     TL-Align tracking K = 2 source weights per token (this repository)
   tl_kC     TL-Align pushing full C-class token labels, (B, N, C) per layer (the official formulation)
   transmix  TransMix's target from the last class-token attention (class-token models only)
+  track     TL-Align's K = 2 labels carried beside the model by track.track_labels' hooks (ViTs; the
+            only TL-Align mode of a timm model, --timm, which runs plain and track)
 Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike.
 Times are medians over the repetitions; a mode's time ratio is the median of its step against the plain
 step of the same repetition, with the 95% interval of that median. Peak memory: CUDA's
@@ -33,20 +37,36 @@ import torch.nn.functional as F
 
 import tl_align as tl
 import vit
+from track import track_labels
 
-MODES = ["plain", "tl_k2", "tl_kC", "transmix"]
+MODES = ["plain", "tl_k2", "tl_kC", "transmix"]  # the default; "track" on request
 DEFAULT_MODELS = {"deit_t": 32, "deit_s": 16, "swin_t": 16, "vit_mini": 128, "swin_mini": 128}  # CPU batch sizes
 
 
 def build(name, fused, device, num_classes):
+    """A vit.py preset, or else a timm model by its name (random weights), attention fused or not."""
     torch.manual_seed(0)
-    model = vit.create_model(name, num_classes=num_classes, fused_attn=fused).to(device)
+    if name in vit.PRESETS:
+        model = vit.create_model(name, num_classes=num_classes, fused_attn=fused)
+    else:
+        import timm  # only for --timm
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        for m in model.modules():
+            if isinstance(m, timm.layers.Attention):
+                m.fused_attn = fused
+    model = model.to(device)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def geometry(model):
+    """Patch size and image side of a vit.py or timm ViT (timm keeps (height, width) pairs)."""
+    p, size = model.patch_embed.patch_size, model.patch_embed.img_size
+    return (p[0], size[0]) if isinstance(p, tuple) else (p, size)
 
 
 def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes, smoothing=0.1):
     """A closure running one training step of `mode` on a fixed random batch."""
-    p, size = model.patch_embed.patch_size, model.patch_embed.img_size
+    p, size = geometry(model)
     x = torch.randn(batch_size, 3, size, size, device=device)
     y = torch.randint(num_classes, (batch_size,), device=device)
     sources = torch.stack([y, y.flip(0)], dim=1)
@@ -60,6 +80,10 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
                 logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
             elif mode == "tl_k2":
                 logits, weights = model(xm, w)
+            elif mode == "track":
+                with track_labels(model, w) as t:
+                    logits = model(xm)
+                weights = t.label
             elif mode == "tl_kC":  # token labels over the C classes, as the official code carries them
                 tokens = torch.einsum("bnk,bkc->bnc", w, F.one_hot(sources, num_classes).float())
                 logits, label = model(xm, tokens)
@@ -92,8 +116,8 @@ def saved_mb(step, model):
     return sum(storages.values()) / 2 ** 20
 
 
-def timed(fn, device):
-    """Seconds one call of fn takes (CUDA events on a GPU)."""
+def timed(fn, device, clock=time.perf_counter):
+    """Seconds one call of fn takes (CUDA events on a GPU; on the CPU by `clock`)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -101,9 +125,9 @@ def timed(fn, device):
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def cpu_peak_mb(args, name, mode, fused, batch_size):
@@ -140,10 +164,15 @@ def autocast_for(args, device):
 def bench_model(args, name, batch_size, device):
     """Rows {model, attn, mode, ms, img_s, mem_mb} for every mode, explicit and/or fused."""
     autocast = autocast_for(args, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
     for fused in {"off": [False], "on": [True], "both": [False, True]}[args.fused]:
         model, opt = build(name, fused, device, args.num_classes)
-        modes = [m for m in args.modes if m != "transmix" or isinstance(model, vit.VisionTransformer)]
+        if name not in vit.PRESETS:  # a timm model takes no labels itself
+            modes = ["plain", "track"]
+        else:  # transmix and track need a class-token ViT
+            vit_only = ("transmix", "track")
+            modes = [m for m in args.modes if m not in vit_only or isinstance(model, vit.VisionTransformer)]
         steps = {m: make_step(model, opt, m, batch_size, device, autocast, args.num_classes) for m in modes}
         times = {m: [] for m in modes}
         peaks = {m: 0.0 for m in modes}
@@ -151,7 +180,7 @@ def bench_model(args, name, batch_size, device):
             for m in modes:  # interleaved
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                t = timed(steps[m], device)
+                t = timed(steps[m], device, clock)
                 if rep >= args.warmup:
                     times[m].append(t)
                 if device.type == "cuda":
@@ -166,7 +195,7 @@ def bench_model(args, name, batch_size, device):
             rows.append(dict(model=name, attn="fused" if fused else "explicit", mode=m, ms=ms, ratio=ratio, lo=lo,
                              hi=hi, img_s=batch_size / ms * 1e3, mem_mb=peaks[m], saved_mb=saved[m]))
         rows.append(dict(model=name, attn="fused" if fused else "explicit", mode="inference",
-                         img_s=inference_rate(model, batch_size, device, autocast, args.reps)))
+                         img_s=inference_rate(model, batch_size, device, autocast, args.reps, clock)))
     return rows
 
 
@@ -179,13 +208,14 @@ def median_with_ci(values):
 
 
 @torch.no_grad()
-def inference_rate(model, batch_size, device, autocast, reps):
+def inference_rate(model, batch_size, device, autocast, reps, clock):
     """Images per second of model(x) in eval mode, no labels (median of reps)."""
     model.eval()
-    x = torch.randn(batch_size, 3, model.patch_embed.img_size, model.patch_embed.img_size, device=device)
+    size = geometry(model)[1]
+    x = torch.randn(batch_size, 3, size, size, device=device)
     with autocast:
         model(x)
-        rate = batch_size / statistics.median(timed(lambda: model(x), device) for _ in range(reps))
+        rate = batch_size / statistics.median(timed(lambda: model(x), device, clock) for _ in range(reps))
     model.train()
     return rate
 
@@ -217,7 +247,8 @@ def summary(rows):
         for attn in ("explicit", "fused"):
             if (attn, "plain") in get:
                 costs = [f"{label} {100 * (get[(attn, mode)]['ratio'] - 1):+.1f}%"
-                         for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C")) if (attn, mode) in get]
+                         for mode, label in (("tl_k2", "K=2"), ("tl_kC", "K=C"), ("track", "track"))
+                         if (attn, mode) in get]
                 parts.append(f"{name} {attn}: " + ", ".join(costs))
         if ("fused", "plain") in get and ("explicit", "plain") in get:
             speed = get[("fused", "plain")]["ms"] / get[("explicit", "plain")]["ms"]
@@ -228,7 +259,8 @@ def summary(rows):
 def profile(args, name, device):
     model, opt = build(name, args.fused == "on", device, args.num_classes)
     batch_size = args.batch_size or DEFAULT_MODELS.get(name, 16)
-    step = make_step(model, opt, "tl_k2", batch_size, device, autocast_for(args, device), args.num_classes)
+    mode = "tl_k2" if name in vit.PRESETS else "track"  # a timm model carries labels only through track.py
+    step = make_step(model, opt, mode, batch_size, device, autocast_for(args, device), args.num_classes)
     step()
     with torch.profiler.profile() as prof:
         step()
@@ -273,15 +305,22 @@ def settings(args, name, batch_size):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", nargs="+", default=list(DEFAULT_MODELS), choices=list(vit.PRESETS))
+    p.add_argument("--model", nargs="+", choices=list(vit.PRESETS), help=f"default: {' '.join(DEFAULT_MODELS)}, "
+                   "or none if --timm is given")
+    p.add_argument("--timm", nargs="+", default=[], metavar="NAME", help="timm models (pretrained=False), timed "
+                   "plain and with track.track_labels")
     p.add_argument("--batch-size", type=int, default=None, help="default: per model, sized for a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
     p.add_argument("--fused", default="both", choices=["off", "on", "both"], help="fused attention")
     p.add_argument("--num-classes", type=int, default=1000, help="C of the K = C mode (ImageNet's 1000)")
-    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES, help="plain is the reference of the ratios")
+    p.add_argument("--modes", nargs="+", default=MODES, choices=MODES + ["track"],
+                   help="plain is the reference of the ratios")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="CPU timing: wall clock, or the process's "
+                   "CPU time, which counts a step's work and not its waiting on a shared machine (use one thread, "
+                   "OMP_NUM_THREADS=1, so that idle threads spinning is not counted)")
     p.add_argument("--no-memory", action="store_true", help="skip the CPU memory probes (one process each)")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--probe-memory", nargs=3, metavar=("MODEL", "MODE", "FUSED"), help=argparse.SUPPRESS)
@@ -297,17 +336,19 @@ def main():
         return probe_memory(args, name, mode, fused == "1")
     if args.probe_setting:
         return probe_setting(args, args.probe_setting)
+    models = args.model or ([] if args.timm else list(DEFAULT_MODELS))
     if args.settings:
-        for name in args.model:
+        for name in args.model or ["vit_mini"]:
             settings(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16))
         return
     device = torch.device(args.device)
     if args.profile:
-        return profile(args, args.model[0], device)
+        return profile(args, (models + args.timm)[0], device)
     rows = []
-    print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"device {device}, amp {args.amp}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.clock} clock")
     print(HEADER, flush=True)
-    for name in args.model:  # each model's rows as soon as they are measured
+    for name in models + args.timm:  # each model's rows as soon as they are measured
         rows += bench_model(args, name, args.batch_size or DEFAULT_MODELS.get(name, 16), device)
         print_rows([r for r in rows if r["model"] == name])
         sys.stdout.flush()

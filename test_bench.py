@@ -39,3 +39,17 @@ def test_setting_probe_times_a_tl_align_step():
     assert p.returncode == 0, p.stderr
     times = json.loads(p.stdout.strip().splitlines()[-1])
     assert times.keys() == {"first", "step"} and times["first"] > 0 and times["step"] > 0
+
+
+def test_bench_times_a_timm_model_with_and_without_tracking():
+    # timm's own tiny test_vit (160 px, 6 blocks of width 64)
+    cmd = [sys.executable, "bench.py", "--timm", "test_vit", "--fused", "on", "--batch-size", "2",
+           "--reps", "1", "--warmup", "0", "--no-memory"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()]
+    assert [r[2] for r in rows if r[:2] == ["test_vit", "fused"]] == ["plain", "track", "inference"]
+    track = [r for r in rows if r[2] == "track"][0]
+    plain = [r for r in rows if r[2] == "plain"][0]
+    assert float(track[3]) > 0 and track[10] == plain[10]  # a measured time; autograd saves nothing more (MB)
+    assert p.stdout.splitlines()[-1].startswith("summary: test_vit fused: track ")
