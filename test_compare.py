@@ -147,7 +147,8 @@ def test_a_short_run_of_the_regime(tmp_path):
     import train
     run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=0, epochs=2, subset=256,
                dir=str(tmp_path))
-    train.main(compare.train_command(run, compare.REGIME["flags"] + ["--no-compile"])[1:])
+    flags = [f for f in compare.REGIME["flags"] if f != "--compile"]
+    train.main(compare.train_command(run, flags)[1:])
     logs = compare.records(run)
     assert [r["epoch"] for r in logs] == [0, 1] and compare.finished(run)
     assert logs[0]["val_top1"] is None and 0 < logs[1]["val_top1"] <= 100  # evaluated at the end only

@@ -183,9 +183,9 @@ def test_warmup_is_the_recipes_but_at_most_a_tenth_of_the_run():
     assert train.get_args(["--data", "imagenet", "--model", "swin_t"]).warmup_epochs == 20  # Swin: 20 of 300
     assert train.get_args(["--data", "imagenet", "--epochs", "30"]).warmup_epochs == 3
     assert train.get_args(["--epochs", "1", "--warmup-epochs", "0.5"]).warmup_epochs == 0.5  # as asked
-    # a one-epoch run of 468 steps: 47 of warm-up, the peak right after it, then the whole cosine to 0
+    # a one-epoch run of 468 steps: 47 of warm-up up to the peak, then the whole cosine down to 0
     factors = [train.cosine_with_warmup(s, round(0.1 * 468), 468) for s in range(468)]
-    assert factors[46] == 1.0 and factors[45] < 1.0 and factors[47] < 1.0
+    assert factors[45] < factors[46] == factors[47] == 1.0 > factors[48]
     assert all(a >= b for a, b in zip(factors[46:], factors[47:])) and factors[-1] < 1e-4
 
 

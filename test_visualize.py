@@ -85,7 +85,7 @@ def test_shares_read_image_1(tmp_path):
     assert set(s) == {"truth", "area", "tl", "transmix"}
     n = len(s["truth"])
     assert 50 <= n <= 64 and all(len(v) == n for v in s.values())
-    assert all(((v >= 0) & (v <= 1)).all() for v in s.values())
+    assert all(((v >= -1e-6) & (v <= 1 + 1e-6)).all() for v in s.values())  # shares, to float32 rounding
     assert len(set(s["area"].tolist())) > 1  # one box per group of 8: many lams
     everything = replace(val, masks=torch.ones_like(val.masks))  # all foreground: the truth is lam
     s = visualize.shares(model, everything, 64)
