@@ -289,7 +289,8 @@ def table(runs, label_images, val_sets):
     pilot = []
     if by_arm.get("none") and by_arm.get("area"):
         pairs = paired(by_arm["area"], by_arm["none"])
-        pilot = [f"**Pilot, CutMix (area target) − no mixing:** {verdict([a['final'] - n['final'] for a, n in pairs])}"
+        gain = verdict([a["final"] - n["final"] for a, n in pairs])
+        pilot = [f"**Pilot, CutMix (area target) − no mixing:** {gain}"
                  f" points of final test top-1 over {len(pairs)} paired seeds (mean ± 95% interval); no mixing "
                  f"ends at a training loss of {mean_std([n['train_loss'] for _, n in pairs], 3)} (label smoothing "
                  f"0.1 puts its floor near 0.50: memorised).", ""]
@@ -299,8 +300,9 @@ def table(runs, label_images, val_sets):
         stats = by_arm.get(arm)
         if not stats:
             continue
-        vs_area = "" if arm == "area" else verdict([s["final"] - a["final"] for s, a in paired(stats, by_arm.get("area", []))])
-        # the area MAE is the same pairs and boxes for every model: the difference is paired within a run
+        pairs = paired(stats, by_arm.get("area", []))
+        vs_area = "" if arm == "area" else verdict([s["final"] - a["final"] for s, a in pairs])
+        # the same pairs and boxes for every model of an arm: the MAE difference is paired within a run
         tl_gain = verdict([s["tl"] - s["area"] for s in stats], 4, ("farther", "closer"))
         lines.append(f"| {arm} | {len(stats)} | {mean_std([s['final'] for s in stats])} | {vs_area} | "
                      f"{mean_std([s['area'] for s in stats], 4)} | {mean_std([s['tl'] for s in stats], 4)} | "
@@ -349,7 +351,9 @@ def report(runs, args):
            f"against the true share (visible foreground pixels of image 1 over all visible foreground "
            f"pixels), for the final model of each run: *area* is CutMix's lam, *TL-Align* the aligned label "
            f"(the class token's; Swin: the mean token's), *TransMix* its attention lam. They are measured on "
-           f"every run, whatever it trained with. *TL-Align − area MAE* below 0 means the aligned label is "
+           f"every run, whatever it trained with, with the run's own box (on the patch grid, or on pixels for "
+           f"area_pixel and deit: their area MAE differs for that reason). *TL-Align − area MAE* below 0 "
+           f"means the aligned label is "
            f"closer to the truth (mean ± 95% interval over seeds).",
            "- *min/run*: wall time of one run, with another run sharing the machine (--jobs).", ""]
     for model, group in groups.items():
