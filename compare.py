@@ -270,8 +270,9 @@ def verdict(diffs, digits=2, words=("higher", "lower")):
 
 def summarize(run, label_images, val_sets):
     """The figures of one finished run."""
-    return dict(seed=run["seed"], final=records(run)[-1]["val_top1"], train_loss=records(run)[-1]["train_loss"],
-                wall=wall_time(run), **label_errors(run, label_images, val_sets))
+    last = records(run)[-1]
+    return dict(seed=run["seed"], final=last["val_top1"], train_loss=last["train_loss"], wall=wall_time(run),
+                **label_errors(run, label_images, val_sets))
 
 
 def paired(stats, base):

@@ -277,13 +277,10 @@ def load_small(name, path, train, subset=None, seed=0):
                       None if masks is None else torch.from_numpy(np.ascontiguousarray(masks)))
 
 
-def split_last(data, n):
-    """(the first len(data) - n samples, the last n) of a TensorData, in order: a held-out split."""
-    def part(rows):
-        return replace(data, images=data.images[rows], labels=data.labels[rows],
-                       masks=None if data.masks is None else data.masks[rows])
-    k = len(data) - n
-    return part(slice(0, k)), part(slice(k, None))
+def select(data, rows):
+    """The samples `rows` (a slice or an index tensor) of a TensorData, their masks with them."""
+    return replace(data, images=data.images[rows], labels=data.labels[rows],
+                   masks=None if data.masks is None else data.masks[rows])
 
 
 # ----------------------------------------------------------------------------------------------------
