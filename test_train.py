@@ -183,10 +183,114 @@ def test_warmup_is_the_recipes_but_at_most_a_tenth_of_the_run():
     assert train.get_args(["--data", "imagenet", "--model", "swin_t"]).warmup_epochs == 20  # Swin: 20 of 300
     assert train.get_args(["--data", "imagenet", "--epochs", "30"]).warmup_epochs == 3
     assert train.get_args(["--epochs", "1", "--warmup-epochs", "0.5"]).warmup_epochs == 0.5  # as asked
-    # a one-epoch run of 468 steps: 47 of warm-up up to the peak, then the whole cosine down to 0
-    factors = [train.cosine_with_warmup(s, round(0.1 * 468), 468) for s in range(468)]
-    assert factors[45] < factors[46] == factors[47] == 1.0 > factors[48]
-    assert all(a >= b for a, b in zip(factors[46:], factors[47:])) and factors[-1] < 1e-4
+    # a one-epoch run of 468 steps: 46 of warm-up from 0 (one step behind, as timm's loops), then the
+    # whole cosine down to 0
+    args = train.get_args(["--data", "fashion_mnist", "--epochs", "1", "--lr", "1e-3"])
+    args.warmup_lr, args.min_lr = 0.0, 0.0
+    factors = [train.schedule(args, 468)(s) for s in range(468)]
+    assert factors[0] == factors[1] == 0 < factors[2] and factors[46] < factors[47] == 1.0 > factors[48]
+    assert all(a >= b for a, b in zip(factors[47:], factors[48:])) and factors[-1] < 1e-4
+
+
+def lr_of_every_step(argv, steps_per_epoch, world=1):
+    """The rate of every optimizer step of a run, as train.run builds its schedule."""
+    args = train.get_args(argv)
+    train.set_rates(args, world)
+    factor = train.schedule(args, steps_per_epoch)
+    return args, [args.lr * factor(s) for s in range(args.epochs * steps_per_epoch)]
+
+
+def test_deit_schedule_is_deits_timm_scheduler_stepped_per_epoch():
+    from timm.scheduler import CosineLRScheduler
+    steps = 3  # steps per epoch; 8 processes x 128 = DeiT's global batch of 1024
+    args, ours = lr_of_every_step(["--data", "imagenet", "--model", "deit_s"], steps, world=8)
+    assert args.lr == 5e-4 * 1024 / 512 and (args.warmup_lr, args.min_lr) == (1e-6, 1e-5)  # ends not scaled
+    # DeiT's main.py: timm's create_scheduler(args) with --warmup-lr 1e-6 --min-lr 1e-5 --warmup-epochs 5,
+    # and lr_scheduler.step(epoch) after every epoch
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    deit = CosineLRScheduler(optimizer, t_initial=300, lr_min=1e-5, warmup_lr_init=1e-6, warmup_t=5,
+                             cycle_limit=1, t_in_epochs=True)
+    theirs = []
+    for epoch in range(300):
+        theirs += [optimizer.param_groups[0]["lr"]] * steps
+        deit.step(epoch)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=0)
+    assert ours[0] == ours[3] == 1e-6 and 1e-5 < ours[-1] < 1.02e-5
+
+
+@pytest.mark.parametrize("model, drop_path", [("swin_t", 0.2), ("swin_s", 0.3), ("swin_b", 0.5)])
+def test_swin_schedule_is_swins_timm_scheduler_stepped_per_step(model, drop_path):
+    from timm.scheduler import CosineLRScheduler
+    steps = 7  # steps per epoch
+    args, ours = lr_of_every_step(["--data", "imagenet", "--model", model], steps, world=8)
+    assert (args.drop_path, args.clip_grad, args.mix, args.warmup_epochs) == (drop_path, 5.0, "both", 20)
+    scale = 1024 / 512  # Swin's main.py: BASE_LR, WARMUP_LR and MIN_LR x batch x world / 512
+    assert (args.lr, args.warmup_lr, args.min_lr) == (5e-4 * scale, 5e-7 * scale, 5e-6 * scale)
+    # Swin's lr_scheduler.build_scheduler with WARMUP_PREFIX, and step_update(epoch * steps + idx) after
+    # every update (main.py)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
+    num_steps, warmup_steps = 300 * steps, 20 * steps
+    swin = CosineLRScheduler(optimizer, t_initial=num_steps - warmup_steps, cycle_mul=1., lr_min=args.min_lr,
+                             warmup_lr_init=args.warmup_lr, warmup_t=warmup_steps, cycle_limit=1,
+                             t_in_epochs=False, warmup_prefix=True)
+    theirs = []
+    for step in range(num_steps):
+        theirs.append(optimizer.param_groups[0]["lr"])
+        swin.step_update(step)
+    assert ours == pytest.approx(theirs, rel=1e-12, abs=0)
+
+
+def test_a_learning_rate_below_the_floor_is_not_raised():
+    args, ours = lr_of_every_step(["--data", "imagenet", "--epochs", "10", "--lr", "5e-6"], 2)
+    assert (args.warmup_lr, args.min_lr) == (1e-6, 5e-6)  # DeiT's floor 1e-5 is above this lr
+    assert max(ours) == pytest.approx(5e-6) and all(a >= b for a, b in zip(ours[4:], ours[5:]))
+
+
+# Every way the host can read a tensor's value; on a GPU each one waits for the device to catch up.
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# lam, the CutMix box and DeiT's switch are drawn on the host, from CPU tensors: nothing waits for a GPU
+HOST_DRAWS = {"_sample_lambda", "_rand_box", "batch_mix"}
+
+
+def count_host_reads(monkeypatch):
+    """Record each host read of a tensor's value made in the training step or the evaluation, in our code or
+    in torch's Python code under it (optimizer, GradScaler, clipping, DDP), as (loop, read, function, line).
+    On this CPU every tensor is a host tensor, so reads are counted where they are made, which is where a
+    GPU run would wait; the data loader and the host-side draws hold host data in any run, and are left out."""
+    reads = []
+
+    def loop_of(frame):
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name in HOST_DRAWS or os.path.abspath(code.co_filename) == os.path.abspath(data.__file__):
+                return None
+            if code.co_name in ("train_one_epoch", "evaluate") and code.co_filename == train.__file__:
+                return code.co_name
+            frame = frame.f_back
+        return None
+
+    for name in HOST_READS:
+        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            caller = sys._getframe(1)
+            loop = loop_of(caller)
+            if loop:
+                reads.append((loop, _name, caller.f_code.co_name, caller.f_lineno))
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return reads
+
+
+@pytest.mark.parametrize("flags", [["--fused-attn"], ["--target", "transmix", "--mix", "both", "--cutmix-mode", "pixel"],
+                                   ["--amp", "fp16", "--clip-grad", "1", "--target", "area"], ["--model", "swin_mini"]],
+                         ids=["tl_align_fused", "transmix_deit_switch", "fp16_scaler_clip", "swin"])
+def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch, flags):
+    # 8 steps, logging after steps 3, 6 and 8: one host read at each, none in any other step
+    reads = count_host_reads(monkeypatch)
+    train.main(["--epochs", "1", "--subset", "64", "--batch-size", "8", "--log-every", "3", "--holdout", "32",
+                "--output-dir", str(tmp_path), *flags])
+    in_loop = [r for r in reads if r[0] == "train_one_epoch"]
+    assert [r[1:3] for r in in_loop] == [("tolist", "train_one_epoch")] * 3, in_loop
+    assert [r[1:3] for r in reads if r[0] == "evaluate"] == [("tolist", "evaluate")], reads  # one per evaluation
 
 
 def test_cpu_bf16_is_read_off_the_feature_flags(tmp_path, monkeypatch):

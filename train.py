@@ -17,6 +17,7 @@ use the area target, which is exact for them (tl_align.mixup).
 model's image size, windows, channels and classes (vit.adapt_state_dict).
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -28,35 +29,46 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
 import tl_align as tl
 import vit
 
 # Per data set: the model, schedule and regularisation that make `python train.py --data X` right.
-# lr is the rate for a global batch of lr_batch and scales linearly with the batch actually used.
+# lr is the rate for a global batch of lr_batch and scales linearly with the batch actually used; the
+# schedule (see `schedule`) warms up from warmup_lr and decays to min_lr, stepped per "step" or "epoch"
+# with the cosine over the whole run or, with warmup_prefix, after the warm-up; scale_ends: the two ends
+# scale with the batch like lr.
+TO_ZERO = dict(sched="step", warmup_lr=0.0, min_lr=0.0, scale_ends=False, warmup_prefix=True)  # ours
 RECIPES = {
     # 4 epochs of 20k images: 86% top-1 in 3.5 minutes on a 2-core CPU with bf16 (README)
     "synthetic":     dict(model="vit_mini", epochs=4, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=0.4,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix",
-                          augment=True),
+                          augment=True, **TO_ZERO),
     # Chosen on a held-out 10k of the training set (--holdout 10000), one epoch on the other 50k: this recipe
     # 74.2% top-1; batch 128: 68.7%; batch 128 at lr 2e-3: 70.4%; batch 128 with crop + flip and drop path 0.1: 54.9%
     "fashion_mnist": dict(model="vit_mini", epochs=10, batch_size=64, lr=1e-3, lr_batch=64, warmup_epochs=1,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix",
-                          augment=False),
+                          augment=False, **TO_ZERO),
     "cifar10":       dict(model="vit_mini", epochs=100, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=5,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
-                          augment=True),
-    # DeiT: AdamW 5e-4 x batch/512, wd 0.05, 300 epochs, 5 warm-up, smoothing 0.1, drop path 0.1
+                          augment=True, **TO_ZERO),
+    # DeiT (facebookresearch/deit main.py defaults): AdamW 5e-4 x batch/512, wd 0.05, 300 epochs, 5 warm-up
+    # epochs from 1e-6, cosine to 1e-5 (both not scaled), timm's scheduler stepped per epoch; smoothing 0.1,
+    # drop path 0.1, no clipping. Mixing: TL-Align's script, CutMix only (DeiT's own: --mix both).
     "imagenet":      dict(model="deit_s", epochs=300, batch_size=128, lr=5e-4, lr_batch=512, warmup_epochs=5,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
-                          augment=True),  # DeiT's transforms (data.load_imagenet)
+                          augment=True, sched="epoch", warmup_lr=1e-6, min_lr=1e-5, scale_ends=False,
+                          warmup_prefix=False),  # DeiT's transforms (data.load_imagenet)
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist"]
 RECIPES["cifar100"] = RECIPES["cifar10"]
-# Swin on ImageNet: 1e-3 x batch/1024, 20 warm-up epochs, clipping 5, drop path by size
-SWIN_IMAGENET = dict(lr=1e-3, lr_batch=1024, warmup_epochs=20, clip_grad=5.0)
+# Swin on ImageNet (microsoft/Swin-Transformer config.py, lr_scheduler.py, main.py): AdamW 5e-4 x batch/512,
+# 20 warm-up epochs from 5e-7, cosine after the warm-up (WARMUP_PREFIX) to 5e-6, all three x batch/512,
+# stepped per step; clipping 5; Mixup 0.8 / CutMix 1.0 switched per batch (its timm Mixup); drop path by size
+SWIN_IMAGENET = dict(lr=5e-4, lr_batch=512, warmup_epochs=20, clip_grad=5.0, mix="both", sched="step",
+                     warmup_lr=5e-7, min_lr=5e-6, scale_ends=True, warmup_prefix=True)
 SWIN_DROP_PATH = {"swin_t": 0.2, "swin_s": 0.3, "swin_b": 0.5}
 
 
@@ -118,6 +130,8 @@ def get_args(argv=None):
     if args.warmup_epochs is None:  # the recipe's warm-up, but at most a tenth of a shorter run
         args.warmup_epochs = min(recipe["warmup_epochs"], args.epochs / 10)
     args.lr_recipe = (recipe["lr"], recipe["lr_batch"])
+    args.lr_ends = (recipe["warmup_lr"], recipe["min_lr"], recipe["scale_ends"])
+    args.sched, args.warmup_prefix = recipe["sched"], recipe["warmup_prefix"]
     return args
 
 
@@ -242,11 +256,46 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
 
 
-def cosine_with_warmup(step, warmup_steps, total_steps):
-    """lr factor: linear warm-up from 0, then cosine decay to 0, per step."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(total_steps - warmup_steps, 1)))
+def cosine_lr(t, lr, warmup_t, total_t, warmup_lr, min_lr, prefix):
+    """The rate at t (epochs or steps) of timm's CosineLRScheduler with one cycle, DeiT's and Swin's schedule.
+
+    A linear warm-up from warmup_lr to lr over warmup_t, then a cosine from lr down to min_lr at total_t:
+    over [0, total_t) (DeiT: the cosine has begun when the warm-up ends) or, with prefix, over
+    [warmup_t, total_t) (Swin's WARMUP_PREFIX).
+    """
+    if t < warmup_t:
+        return warmup_lr + t * (lr - warmup_lr) / warmup_t
+    if t >= total_t:
+        return min_lr
+    start = warmup_t if prefix else 0
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (t - start) / (total_t - start)))
+
+
+def set_rates(args, world):
+    """args.lr (unless given), args.warmup_lr and args.min_lr: the recipe's, scaled to the global batch."""
+    scale = args.batch_size * world / args.lr_recipe[1]  # linear scaling
+    if args.lr is None:
+        args.lr = args.lr_recipe[0] * scale
+    warmup_lr, min_lr, scaled = args.lr_ends
+    # the ends never above the peak: a --lr below DeiT's floor of 1e-5 decays to itself, not upwards
+    args.warmup_lr, args.min_lr = (min(end * (scale if scaled else 1), args.lr) for end in (warmup_lr, min_lr))
+
+
+def schedule(args, steps_per_epoch):
+    """The lr factor of each optimizer step (for LambdaLR): the recipe's cosine, per step or per epoch.
+
+    DeiT and Swin step their timm scheduler after each epoch (DeiT) or update (Swin) with its index, so
+    update t runs at cosine_lr(t - 1) and the first two at warmup_lr; so do we. Swin counts its warm-up
+    in whole steps, int(warmup_epochs * steps_per_epoch).
+    """
+    unit = steps_per_epoch if args.sched == "epoch" else 1
+    warmup = args.warmup_epochs if args.sched == "epoch" else int(args.warmup_epochs * steps_per_epoch)
+    total = args.epochs * steps_per_epoch // unit
+
+    def factor(step):
+        t = max(step // unit - 1, 0)
+        return cosine_lr(t, args.lr, warmup, total, args.warmup_lr, args.min_lr, args.warmup_prefix) / args.lr
+    return factor
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -333,17 +382,19 @@ def drop_later_epochs(log_path, start_epoch):
 def evaluate(model, loader, device, autocast):
     """Top-1 and top-5 accuracy (percent) over the whole validation set, summed across ranks."""
     model.eval()
-    counts = torch.zeros(3, device=device)  # correct@1, correct@5, seen
+    hits, seen = torch.zeros(2, dtype=torch.long, device=device), 0  # correct@1, correct@5: on the device
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum(),
-                               torch.tensor(len(y), device=device)]).float()
+        hits += torch.stack([(top5[:, 0] == y).sum(), (top5 == y[:, None]).any(1).sum()])
+        seen += len(y)
+    counts = torch.cat([hits, hits.new_full((1,), seen)])  # a fill, not a copy from the host
     if dist.is_initialized():
         dist.all_reduce(counts)
-    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+    correct1, correct5, total = counts.tolist()  # the one host read of an evaluation
+    return 100 * correct1 / total, 100 * correct5 / total
 
 
 @torch.no_grad()
@@ -368,16 +419,25 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
 
 # ----------------------------------------------------------------------------- training
 
+def batch_mix(mix):
+    """The mixing of one batch. --mix both is DeiT's switch (timm's Mixup with switch_prob 0.5): CutMix or
+    Mixup with probability 1/2 each, drawn on the host from torch's generator, like lam and the box."""
+    if mix != "both":
+        return mix
+    return "cutmix" if torch.rand(()).item() < 0.5 else "mixup"
+
+
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, autocast, num_classes,
                     patch_size, epoch, log):
     """One pass over the training data; returns (mean loss, images per second, last lr)."""
     model.train()
-    total_loss, seen, t0 = torch.zeros((), device=device), 0, time.time()
+    sums = torch.zeros(2, device=device)  # summed loss, non-finite losses: on the device, read when logging
+    seen, last_log, t0 = 0, 0, time.time()
     steps = len(loader)
     for step, (x, y) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         B = x.shape[0]
-        mix = args.mix if args.mix != "both" else ("cutmix" if torch.rand(()) < 0.5 else "mixup")
+        mix = batch_mix(args.mix)
         sources = torch.stack([y, y.flip(0)], dim=1)  # (B, 2): the two images of every pair
         with autocast:
             if mix == "cutmix":
@@ -396,12 +456,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
                 logits, weights = model(x), tl.area_weights(1.0, B, device)
             target = tl.class_target(weights, sources, num_classes, args.smoothing)
             loss = tl.soft_cross_entropy(logits, target)
-        bad = (~torch.isfinite(loss.detach())).float()
-        if dist.is_initialized():
-            dist.all_reduce(bad)  # every rank stops together, none is left waiting in the backward
-        if bad.item():
-            raise UserError(f"non-finite loss ({loss.item()}) at epoch {epoch} step {step}; training stopped, the last "
-                            f"checkpoint in {args.output_dir} is intact: lower --lr, set --clip-grad or --amp off")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad:
@@ -411,16 +465,24 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        total_loss += loss.detach() * B
+        sums += torch.stack([loss.detach() * B, (~torch.isfinite(loss.detach())).float()])
         seen += B
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            rate = seen / (time.time() - t0)
-            eta = (steps - step - 1) * B / rate
-            log(f"epoch {epoch} [{step + 1}/{steps}] loss {total_loss.item() / seen:.4f} "
-                f"lr {lr:.2e} {rate * args.world:.0f} img/s eta {eta:.0f}s")
-    if dist.is_initialized():
-        dist.all_reduce(total_loss)
-    return total_loss.item() / (seen * args.world), seen * args.world / (time.time() - t0), lr
+            # the loop's only host read, every --log-every steps: a step never waits for the device.
+            # A non-finite loss is caught here, up to --log-every steps late; the model is then spoilt,
+            # but it is only saved at the end of an epoch, so the checkpoint on disk is not.
+            totals = sums.clone()
+            if dist.is_initialized():
+                dist.all_reduce(totals)  # every rank reads the same sums: all stop together
+            loss_sum, bad = totals.tolist()
+            if bad:
+                raise UserError(f"non-finite loss in epoch {epoch}, steps {last_log + 1}-{step + 1}; training "
+                                f"stopped, the last checkpoint in {args.output_dir} is intact: lower --lr, set "
+                                f"--clip-grad or --amp off")
+            last_log, rate = step + 1, seen * args.world / (time.time() - t0)
+            log(f"epoch {epoch} [{step + 1}/{steps}] loss {loss_sum / (seen * args.world):.4f} "
+                f"lr {lr:.2e} {rate:.0f} img/s eta {(steps - step - 1) * B * args.world / rate:.0f}s")
+    return loss_sum / (seen * args.world), rate, lr
 
 
 def run(args):
@@ -450,12 +512,12 @@ def run(args):
     if args.finetune:
         finetune_from(model, args, log)
     model.to(device)
-    if args.lr is None:
-        args.lr = args.lr_recipe[0] * args.batch_size * world / args.lr_recipe[1]
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-    steps = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, round(args.warmup_epochs * steps), args.epochs * steps))
+    set_rates(args, world)
+    # fused: one kernel for all parameters, and under fp16 the GradScaler's inf check stays on the device
+    # (the unfused step reads it on the host every step)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                  fused=device.type in ("cuda", "cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args, len(train_loader)))
     amp = auto_amp(device) if args.amp == "auto" else args.amp
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
@@ -489,8 +551,9 @@ def run(args):
     raw = model
     if world > 1:
         # buffers are constants (position indices, shift masks): nothing to broadcast
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                                    broadcast_buffers=False)
+        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else "broadcast_buffers": False}  # renamed in torch 2.14
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
     if args.compile:  # after DDP, so that compiled graphs overlap the gradient all-reduce
         model = torch.compile(model)
     log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
@@ -536,6 +599,8 @@ def run(args):
             log(f"epoch {epoch}: train loss {train_loss:.4f}{val}{maes} "
                 f"({record['epoch_time_s']:.0f}s, {rate:.0f} img/s)")
     log(f"done: best val top-1 {best:.2f}%, last {top1:.2f}%; checkpoints in {args.output_dir}")
+    if dist.is_initialized():
+        dist.barrier()  # no rank tears the process group down while rank 0 still saves and logs
 
 
 def main(argv=None):
