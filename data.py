@@ -7,7 +7,10 @@ What is here, top to bottom:
                                  all as uint8 tensors of 32x32 images held in memory (TensorData)
   random_crop_flip, normalize    the small-image train augmentation, on whole batches of tensors
   Loader                         shuffled, sharded, augmented batches; set_epoch like DistributedSampler
-  load_imagenet                  ImageNet-1k as torchvision ImageFolder datasets with the DeiT transforms
+  RAND_OPS, apply_op             the 15 ops of timm's RandAugment with their magnitude formulas, on PIL images
+  RandAugment                    DeiT's RandAugment: timm's rand-m9-mstd0.5-inc1 written out
+  imagenet_transform             DeiT's ImageNet train / val transforms
+  load_imagenet                  ImageNet-1k as torchvision ImageFolder datasets with those transforms
 
 Foreground masks (synthetic: exact; MNIST-like: thresholded ink) let the training code check how much of
 each object a CutMix box removed (paper Sec. 3, "token fluctuation"); CIFAR and ImageNet have none.
@@ -18,9 +21,11 @@ Fashion-MNIST files of Xiao et al. use the same format and names); the "python v
 on Krizhevsky's page (Python 2 pickles of dicts with bytes keys, b'data' a (N, 3072) uint8 array whose
 rows are 1024 R, then 1024 G, then 1024 B values of a row-major 32x32 image); torchvision's ImageFolder
 layout. Recipes: pad-4 random crop + flip for 32 px images (He et al. 2016); the DeiT train / val
-transforms (Touvron et al. 2021, timm's create_transform defaults); per-epoch seeding and wrap-around
-padding of shards as in torch.utils.data.DistributedSampler. CIFAR mean / std are the usual training-set
-statistics; the MNIST-like ones are for the 32x32 zero-padded images (derivation at DATASETS).
+transforms (Touvron et al. 2021: timm's create_transform as DeiT's datasets.py calls it; RandAugment
+rand-m9-mstd0.5-inc1 with the op list, magnitude formulas, sampling, fill and interpolation of timm 1.0.31's
+auto_augment.py and transforms_factory.py; random erasing 0.25 in 'pixel' mode); per-epoch seeding and
+wrap-around padding of shards as in torch.utils.data.DistributedSampler. CIFAR mean / std are the usual
+training-set statistics; the MNIST-like ones are for the 32x32 zero-padded images (derivation at DATASETS).
 """
 import gzip
 import math
