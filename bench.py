@@ -6,6 +6,8 @@
     python bench.py --model vit_mini --settings      # TL-Align's step in fp32, bf16, bf16 compiled (CPU)
     python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
     OMP_NUM_THREADS=1 python bench.py --clock cpu ...          # CPU time per step: a shared machine's waits left out
+    python bench.py --make-jpegs /tmp/jpegs --images 200       # an ImageFolder of photo-like JPEGs, ImageNet's sizes
+    python bench.py --loader /tmp/jpegs --workers 1 2          # images a second the ImageNet train pipeline delivers
 
 Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
@@ -20,6 +22,11 @@ step of the same repetition, with the 95% interval of that median. Peak memory: 
 max_memory_allocated, or on the CPU the growth of the peak resident set (VmHWM) of a fresh process
 running that mode alone. Saved memory: the bytes autograd keeps for the backward (the activations),
 exact and free of allocator noise.
+
+--loader times train.py's ImageNet input pipeline instead (data.load_imagenet's train transforms through a
+DataLoader), per number of worker processes: wall-clock images a second, and images per CPU-second of the
+workers, the cost of feeding a GPU in cores. --make-jpegs writes images to time it on when there is no
+ImageNet: what makes them cost what photos cost is at photo_like.
 """
 import argparse
 import json
@@ -351,16 +358,22 @@ def make_jpegs(root, images, classes=4, seed=0):
 
 
 def loader_rate(dataset, workers, batch_size, warmup, batches):
-    """Images per second of a DataLoader over dataset with `workers` processes, as train.py builds it,
-    timed over `batches` batches after `warmup` (worker start-up and their first prefetched batches).
+    """(images per second, images per CPU second of the workers) of a DataLoader over dataset with
+    `workers` processes, as train.py builds it. The first is timed over `batches` batches after `warmup`
+    (worker start-up and their first prefetched batches); the second counts every image and the workers'
+    CPU time (user + system, read when they have exited), which a shared machine's waits do not inflate.
     Images are drawn with replacement: a small folder serves any count."""
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(warmup + batches) * batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                          pin_memory=torch.cuda.is_available())
+    before = os.times()
     for i, _ in enumerate(loader):
         if i + 1 == warmup:
             t0 = time.perf_counter()
-    return batches * batch_size / (time.perf_counter() - t0)
+    rate = batches * batch_size / (time.perf_counter() - t0)
+    after = os.times()  # the exhausted iterator has joined its workers: their CPU time is the children's
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    return rate, (warmup + batches) * batch_size / cpu
 
 
 def bench_loader(args):
@@ -369,11 +382,11 @@ def bench_loader(args):
     batch_size = args.batch_size or 32
     print(f"loader {args.loader}: {len(dataset)} images, data.load_imagenet train transforms, 224 px, batch "
           f"{batch_size}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
-    print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s}")
+    print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s} {'img per CPU-s':>13s}")
     for workers in args.workers:
         warmup = max(args.warmup * workers, 1)  # every worker's first batch, and the start-up
-        rate = loader_rate(dataset, workers, batch_size, warmup, args.reps * workers)
-        print(f"{workers:7d} {rate:8.1f} {rate / workers:16.1f}", flush=True)
+        rate, per_cpu = loader_rate(dataset, workers, batch_size, warmup, args.reps * workers)
+        print(f"{workers:7d} {rate:8.1f} {rate / workers:16.1f} {per_cpu:13.1f}", flush=True)
 
 
 def main():
