@@ -448,7 +448,8 @@ def class_balanced_subset(targets, n, seed):
         level += 1
     take = np.minimum(counts, level)
     rng = np.random.default_rng(seed)
-    # the rest, fewer than the classes with more than `level` samples, one more each to some of them
+    # what is left is fewer than the classes holding more than `level` (else level would be higher): one more
+    # to that many of them, at random
     rest = min(n, len(targets)) - take.sum()
     take[rng.choice(np.flatnonzero(counts > level), rest, replace=False)] += 1
     by_class = np.split(np.argsort(targets, kind='stable'), np.cumsum(counts)[:-1])  # C arrays of indices
