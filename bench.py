@@ -6,6 +6,8 @@
     python bench.py --model vit_mini --settings      # TL-Align's step in fp32, bf16, bf16 compiled (CPU)
     python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
     OMP_NUM_THREADS=1 python bench.py --clock cpu ...          # CPU time per step: a shared machine's waits left out
+    python bench.py --make-jpegs /tmp/jpegs --images 200       # an ImageFolder of photo-like JPEGs, ImageNet's sizes
+    python bench.py --loader /tmp/jpegs --workers 1 2          # images a second the ImageNet train pipeline delivers
 
 Modes, each a full training step (CutMix, forward, soft-target loss, backward, AdamW step):
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
@@ -20,6 +22,11 @@ step of the same repetition, with the 95% interval of that median. Peak memory: 
 max_memory_allocated, or on the CPU the growth of the peak resident set (VmHWM) of a fresh process
 running that mode alone. Saved memory: the bytes autograd keeps for the backward (the activations),
 exact and free of allocator noise.
+
+--loader times train.py's ImageNet input pipeline instead (data.load_imagenet's train transforms through a
+DataLoader), per number of worker processes: wall-clock images a second, and images per CPU-second of the
+workers, the cost of feeding a GPU in cores. --make-jpegs writes images to time it on when there is no
+ImageNet: what makes them cost what photos cost is at photo_like.
 """
 import argparse
 import json
@@ -32,9 +39,11 @@ import tempfile
 import time
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+import data
 import tl_align as tl
 import vit
 from track import track_labels
@@ -303,6 +312,83 @@ def settings(args, name, batch_size):
         print(f"| {label} | {first} | {ms:.0f} | {batch_size / ms * 1e3:.0f} | {base / ms:.2f} |", flush=True)
 
 
+# --loader, --make-jpegs: how many images a second one CPU core feeds a GPU through the ImageNet pipeline
+
+def smooth_field(rng, w, h, cells, std):
+    """(h, w) float32: normal noise of `std` on a grid `cells` wide, upsampled bicubically to the image."""
+    from PIL import Image
+    coarse = rng.normal(0, std, (cells * h // w + 2, cells + 2)).astype("float32")
+    return np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC))
+
+
+def photo_like(rng, w, h, objects=20):
+    """A (h, w) RGB PIL image that costs what a photo costs to store and decode: brightness varying at
+    five scales from the whole image to 3 px, slow colour casts, overlapping ellipses of other colours
+    (sharp edges) and sensor-like grain. Neither flat (too cheap) nor white noise (too dear)."""
+    from PIL import Image, ImageDraw
+    brightness = sum(smooth_field(rng, w, h, c, s) for c, s in ((2, 40), (6, 25), (20, 15), (60, 15), (w // 3, 30)))
+    img = 110 + brightness[..., None] + np.stack([smooth_field(rng, w, h, 4, 20) for _ in range(3)], -1)
+    regions = Image.new("L", (w, h))  # 0: background, k: the k-th ellipse (later ones in front)
+    for k in range(1, objects + 1):
+        x, y, r = rng.integers(0, w), rng.integers(0, h), rng.integers(10, 120)
+        ImageDraw.Draw(regions).ellipse([x - r, y - r // 2, x + r, y + r], fill=k)
+    img += rng.normal(0, 40, (objects + 1, 3))[np.asarray(regions)]  # a colour shift per region
+    img += rng.normal(0, 24, (h, w, 1))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_jpegs(root, images, classes=4, seed=0):
+    """An ImageFolder of `images` JPEGs (quality 90) in root/train/<class>/ and one per class in root/val/,
+    at ImageNet-like sizes: the long side 500 px for 4 in 5 images (else 250-500), 4:3, 3:2 or square,
+    landscape 3 times in 4. Returns the mean file size in KB and the mean width and height."""
+    rng = np.random.default_rng(seed)
+    sizes, dims = [], []
+    for i in range(images + classes):
+        split, name = ("train", i % classes) if i < images else ("val", i - images)
+        side = 500 if rng.random() < 0.8 else int(rng.integers(250, 500))
+        short = round(side * rng.choice([3 / 4, 2 / 3, 1.0], p=[0.6, 0.3, 0.1]))
+        w, h = (side, short) if rng.random() < 0.75 else (short, side)
+        folder = os.path.join(root, split, f"n{name:08d}")
+        os.makedirs(folder, exist_ok=True)
+        file = os.path.join(folder, f"{i:06d}.JPEG")
+        photo_like(rng, w, h).save(file, "JPEG", quality=90)
+        sizes.append(os.path.getsize(file) / 1e3)
+        dims.append((w, h))
+    return statistics.mean(sizes), *(statistics.mean(d) for d in zip(*dims))
+
+
+def loader_rate(dataset, workers, batch_size, warmup, batches):
+    """(images per second, images per CPU second of the workers) of a DataLoader over dataset with
+    `workers` processes, as train.py builds it. The first is timed over `batches` batches after `warmup`
+    (worker start-up and their first prefetched batches); the second counts every image and the workers'
+    CPU time (user + system, read when they have exited), which a shared machine's waits do not inflate.
+    Images are drawn with replacement: a small folder serves any count."""
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(warmup + batches) * batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available())
+    before = os.times()
+    for i, _ in enumerate(loader):
+        if i + 1 == warmup:
+            t0 = time.perf_counter()
+    rate = batches * batch_size / (time.perf_counter() - t0)
+    after = os.times()  # the exhausted iterator has joined its workers: their CPU time is the children's
+    cpu = after.children_user + after.children_system - before.children_user - before.children_system
+    return rate, (warmup + batches) * batch_size / cpu
+
+
+def bench_loader(args):
+    """img/s of train.py's ImageNet train pipeline (data.load_imagenet, 224 px) per --workers count."""
+    dataset = data.load_imagenet(args.loader, train=True)
+    batch_size = args.batch_size or 32
+    print(f"loader {args.loader}: {len(dataset)} images, data.load_imagenet train transforms, 224 px, batch "
+          f"{batch_size}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
+    print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s} {'img per CPU-s':>13s}")
+    for workers in args.workers:
+        warmup = max(args.warmup * workers, 1)  # every worker's first batch, and the start-up
+        rate, per_cpu = loader_rate(dataset, workers, batch_size, warmup, args.reps * workers)
+        print(f"{workers:7d} {rate:8.1f} {rate / workers:16.1f} {per_cpu:13.1f}", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=list(vit.PRESETS), help=f"default: {' '.join(DEFAULT_MODELS)}, "
@@ -328,6 +414,12 @@ def main():
                    help="TL-Align's step in fp32, bf16 and compiled, fresh processes (CPU: train.py's defaults)")
     p.add_argument("--probe-setting", metavar="MODEL", help=argparse.SUPPRESS)
     p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--loader", metavar="DIR", help="images a second of the ImageNet train pipeline from DIR "
+                   "(DIR/train/<class>/*.JPEG, DIR/val/...) with --workers processes; --batch-size default 32, "
+                   "--warmup and --reps in batches per worker")
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="loader processes to time (--loader)")
+    p.add_argument("--make-jpegs", metavar="DIR", help="write --images photo-like JPEGs of ImageNet's sizes to DIR")
+    p.add_argument("--images", type=int, default=200, help="training images of --make-jpegs")
     args = p.parse_args()
     if "plain" not in args.modes:
         p.error("--modes must include plain, the reference of every ratio")
@@ -336,6 +428,17 @@ def main():
         return probe_memory(args, name, mode, fused == "1")
     if args.probe_setting:
         return probe_setting(args, args.probe_setting)
+    if args.make_jpegs:
+        kb, w, h = make_jpegs(args.make_jpegs, args.images)
+        return print(f"{args.make_jpegs}: {args.images} training images, mean {w:.0f} x {h:.0f} px, {kb:.0f} KB")
+    if args.loader:
+        if min(args.workers) < 1:
+            p.error("--workers: at least 1 (0 would time the main process, not a worker)")
+        try:
+            return bench_loader(args)
+        except data.DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     models = args.model or ([] if args.timm else list(DEFAULT_MODELS))
     if args.settings:
         for name in args.model or ["vit_mini"]:

@@ -6,7 +6,10 @@ What is here, top to bottom:
   read_idx, load_small           MNIST / Fashion-MNIST (IDX files), CIFAR-10/100 (python pickles), synthetic,
                                  all as uint8 tensors of 32x32 images held in memory (TensorData)
   random_crop_flip, normalize    the small-image train augmentation, on whole batches of tensors
+  epoch_order                    one epoch's sample indices of every rank, optionally each repeated
+  RepeatedAugSampler             repeated augmentation for a torch DataLoader (DeiT's RASampler, sized anew)
   Loader                         shuffled, sharded, augmented batches; set_epoch like DistributedSampler
+  class_balanced_subset          a seeded subset of a folder data set, even across its classes
   RAND_OPS, apply_op             the 15 ops of timm's RandAugment with their magnitude formulas, on PIL images
   RandAugment                    DeiT's RandAugment: timm's rand-m9-mstd0.5-inc1 written out
   imagenet_transform             DeiT's ImageNet train / val transforms
@@ -24,7 +27,8 @@ layout. Recipes: pad-4 random crop + flip for 32 px images (He et al. 2016); the
 transforms (Touvron et al. 2021: timm's create_transform as DeiT's datasets.py calls it; RandAugment
 rand-m9-mstd0.5-inc1 with the op list, magnitude formulas, sampling, fill and interpolation of timm 1.0.31's
 auto_augment.py and transforms_factory.py; random erasing 0.25 in 'pixel' mode); per-epoch seeding and
-wrap-around padding of shards as in torch.utils.data.DistributedSampler. CIFAR mean / std are the usual
+wrap-around padding of shards as in torch.utils.data.DistributedSampler; repeated augmentation dealt out
+as DeiT's samplers.py RASampler does (each index repeated in a row, the list strided over the ranks). CIFAR mean / std are the usual
 training-set statistics; the MNIST-like ones are for the 32x32 zero-padded images (derivation at DATASETS).
 """
 import gzip
@@ -320,16 +324,61 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
 
 
+def epoch_order(n, world_size, seed, epoch, repeats=1, shuffle=True):
+    """Every rank's sample indices for one epoch: (world_size, ceil(repeats * n / world_size)) int64.
+
+    One permutation of range(n) for all ranks (torch.randperm seeded with seed + epoch, as
+    DistributedSampler), each index repeated `repeats` times in a row, padded by wrapping around to a
+    multiple of world_size, dealt out to the ranks by striding. Read column by column it is that list, so
+    every index appears exactly `repeats` times before the padding, and the copies of one index, being
+    adjacent, go to `repeats` different ranks when world_size >= repeats (DeiT's RASampler).
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)) if shuffle else torch.arange(n)
+    order = order.repeat_interleave(repeats)  # (repeats * n,)
+    total = math.ceil(len(order) / world_size) * world_size
+    order = order.repeat(math.ceil(total / len(order)))[:total]  # (total,)
+    return order.view(-1, world_size).T  # row r: positions r, r + world_size, ... of the list
+
+
+class RepeatedAugSampler(torch.utils.data.Sampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler): each image `repeats` times an epoch.
+
+    Rank `rank` gets the first ceil(N / world_size) indices of its row of epoch_order: an epoch has as
+    many steps as without repetition (DistributedSampler(drop_last=False)'s length), so with repeats 3 it
+    sees about a third of the distinct images, three augmentations of each, one per rank where
+    world_size >= 3 (in the same batch on one rank). DeiT also cuts every rank to floor(N / 256) * 256 /
+    world_size samples, which leaves a small folder no step at all; not here. repeats=1 gives
+    DistributedSampler(shuffle=True, drop_last=False)'s indices exactly. Call set_epoch before every epoch:
+    the order is a function of (seed, epoch), so a resumed run repeats it.
+    """
+
+    def __init__(self, dataset, world_size=1, rank=0, repeats=3, seed=0):
+        self.n, self.world_size, self.rank, self.repeats, self.seed = len(dataset), world_size, rank, repeats, seed
+        self.num_samples = math.ceil(self.n / world_size)
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.num_samples
+
+    def __iter__(self):
+        order = epoch_order(self.n, self.world_size, self.seed, self.epoch, self.repeats)
+        return iter(order[self.rank, :self.num_samples].tolist())
+
+
 class Loader:
     """Batches (images (B, C, 32, 32) float32 normalised, labels (B,) int64) of one rank's share of data."""
 
     def __init__(self, data, batch_size, shuffle=False, augment=False, drop_last=False, rank=0, world_size=1,
-                 seed=0):
+                 seed=0, repeats=1):
         self.data, self.batch_size, self.shuffle, self.augment = data, batch_size, shuffle, augment
         self.drop_last, self.rank, self.world_size, self.seed = drop_last, rank, world_size, seed
+        self.repeats = repeats  # repeated augmentation, as RepeatedAugSampler
         self.epoch = 0
         # as DistributedSampler: every rank gets ceil(N / world_size) samples, so all ranks run the same
-        # number of steps; the index list is padded by wrapping around to the start
+        # number of steps (epoch_order pads by wrapping around to the start)
         self.num_samples = math.ceil(len(data) / world_size)
 
     def set_epoch(self, epoch):
@@ -342,12 +391,9 @@ class Loader:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self):
-        n, info = len(self.data), self.data.info
-        # one permutation for all ranks (same seed everywhere), then disjoint strided shares of it
-        order = torch.Generator().manual_seed(self.seed + self.epoch)
-        idx = torch.randperm(n, generator=order) if self.shuffle else torch.arange(n)
-        total = self.num_samples * self.world_size
-        idx = idx.repeat(math.ceil(total / n))[:total][self.rank::self.world_size]  # (num_samples,)
+        info = self.data.info
+        idx = epoch_order(len(self.data), self.world_size, self.seed, self.epoch, self.repeats,
+                          self.shuffle)[self.rank, :self.num_samples]  # (num_samples,)
         # augmentation draws differ between ranks and epochs, and are the same when the run is repeated
         aug = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
         for i in range(len(self)):
@@ -525,6 +571,27 @@ def _check_imagenet(path):
         raise DataError(f'ImageNet layout wrong: {path}/train has {len(classes["train"])} class folders, '
                         f'{path}/val {len(classes["val"])}, differing in {" ".join(only[:5])}'
                         f'{" ..." if len(only) > 5 else ""}; {expected}')
+
+
+def class_balanced_subset(targets, n, seed):
+    """min(n, len(targets)) indices into targets (a class index per sample), sorted, as even across the
+    classes as their sizes allow: every class gets `level` or level + 1 samples, or all it has if that is
+    fewer, the classes with the extra one and the samples within a class drawn at random from seed alone
+    (the same subset on every rank). n >= the number of classes puts every class in."""
+    targets = np.asarray(targets)
+    counts = np.bincount(targets)  # (C,)
+    level = 0  # the largest even share that fits in n
+    while np.minimum(counts, level + 1).sum() <= n and level < counts.max():
+        level += 1
+    take = np.minimum(counts, level)
+    rng = np.random.default_rng(seed)
+    # what is left is fewer than the classes holding more than `level` (else level would be higher): one more
+    # to that many of them, at random
+    rest = min(n, len(targets)) - take.sum()
+    take[rng.choice(np.flatnonzero(counts > level), rest, replace=False)] += 1
+    by_class = np.split(np.argsort(targets, kind='stable'), np.cumsum(counts)[:-1])  # C arrays of indices
+    chosen = [rng.choice(members, k, replace=False) for members, k in zip(by_class, take)]
+    return sorted(np.concatenate(chosen).tolist())
 
 
 def load_imagenet(path, train, img_size=224):

@@ -53,3 +53,25 @@ def test_bench_times_a_timm_model_with_and_without_tracking():
     plain = [r for r in rows if r[2] == "plain"][0]
     assert float(track[3]) > 0 and track[10] == plain[10]  # a measured time; autograd saves nothing more (MB)
     assert p.stdout.splitlines()[-1].startswith("summary: test_vit fused: track ")
+
+
+def test_loader_bench_times_the_imagenet_pipeline_on_written_jpegs(tmp_path):
+    folder = str(tmp_path / "jpegs")
+    p = subprocess.run([sys.executable, "bench.py", "--make-jpegs", folder, "--images", "8"], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    kb, width, height = (float(p.stdout.split()[i]) for i in (-2, -6, -4))  # "... mean W x H px, S KB"
+    assert 20 < kb < 400 and 250 <= min(width, height) and max(width, height) <= 500
+    assert len(os.listdir(tmp_path / "jpegs" / "train")) == 4 and len(os.listdir(tmp_path / "jpegs" / "val")) == 4
+    cmd = [sys.executable, "bench.py", "--loader", folder, "--workers", "1", "2", "--batch-size", "4", "--warmup", "1",
+           "--reps", "2"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "2"]
+    for workers, rate, per_worker, per_cpu_second in rows:
+        assert float(rate) > 0 and abs(float(per_worker) * int(workers) - float(rate)) < 0.2
+        assert float(per_cpu_second) > 0
+    p = subprocess.run([sys.executable, "bench.py", "--loader", str(tmp_path / "nowhere")], cwd=HERE,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and p.stderr.startswith("error: ImageNet not found") and p.stdout == ""

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data import (DATASETS, IMAGENET_FILL, RAND_OPS, DataError, Loader, RandAugment, TensorData, apply_op,
-                  imagenet_transform, load_imagenet, load_small, make_synthetic, normalize, random_crop_flip)
+from data import (DATASETS, IMAGENET_FILL, RAND_OPS, DataError, Loader, RandAugment, RepeatedAugSampler, TensorData,
+                  apply_op, class_balanced_subset, epoch_order, imagenet_transform, load_imagenet, load_small,
+                  make_synthetic, normalize, random_crop_flip)
 
 def assert_data_error(call, path):
     """call() raises a DataError whose message is one line naming path."""
@@ -581,3 +582,96 @@ def test_loader_epochs_are_reproducible_and_batches_drop():
     in_order = Loader(data, batch_size=4)
     assert len(in_order) == 3
     assert [ids.tolist() for _, ids in in_order] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Repeated augmentation
+
+def rasampler_reference(n, world, rank, seed, epoch, repeats):
+    """DeiT's samplers.py RASampler on Python lists (seeded with seed + epoch), without its cut to a
+    multiple of 256: repeat each index in a row, pad by wrapping around, stride, keep ceil(n / world)."""
+    indices = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    indices = [i for i in indices for _ in range(repeats)]
+    total = math.ceil(n * repeats / world) * world
+    indices = (indices * math.ceil(total / len(indices)))[:total]
+    return indices[rank:total:world][:math.ceil(n / world)]
+
+
+SAMPLER_CASES = [(world, n) for world in (1, 2, 3, 8) for n in (10, 24, 25, 97)]  # 24: a multiple of 3 x 8
+
+
+@pytest.mark.parametrize('world, n', SAMPLER_CASES)
+def test_every_index_is_repeated_before_the_cut_and_the_copies_split_over_ranks(world, n):
+    order = epoch_order(n, world, seed=3, epoch=2, repeats=3)
+    assert order.shape == (world, math.ceil(3 * n / world))
+    listed = order.T.flatten()  # position j * world + r is rank r's j-th index
+    assert torch.equal(torch.bincount(listed[:3 * n], minlength=n), torch.full((n,), 3))  # before the padding
+    assert torch.equal(listed[3 * n:], listed[:len(listed) - 3 * n])  # the padding wraps around
+    dataset = range(n)
+    shards = []
+    for rank in range(world):
+        sampler = RepeatedAugSampler(dataset, world, rank, repeats=3, seed=3)
+        sampler.set_epoch(2)
+        shards.append(list(sampler))
+        plain = torch.utils.data.DistributedSampler(dataset, world, rank, drop_last=False)
+        assert len(sampler) == len(shards[-1]) == len(plain) == math.ceil(n / world)  # a plain epoch's steps
+        assert shards[-1] == rasampler_reference(n, world, rank, seed=3, epoch=2, repeats=3)
+        if world >= 3:  # the copies of an image are on different ranks
+            assert len(set(shards[-1])) == len(shards[-1])
+    counts = torch.bincount(torch.tensor(sum(shards, [])), minlength=n)
+    # the cut keeps a prefix of the repeated list: whole triples but for the one it splits
+    assert counts.max() == 3 and (counts % 3 != 0).sum() <= 1
+    assert (counts > 0).sum() == math.ceil(world * math.ceil(n / world) / 3)  # a third of the images an epoch
+
+
+@pytest.mark.parametrize('world, n', SAMPLER_CASES + [(8, 3)])
+def test_one_repeat_is_the_distributed_sampler(world, n):
+    for rank in range(world):
+        sampler = RepeatedAugSampler(range(n), world, rank, repeats=1, seed=5)
+        plain = torch.utils.data.DistributedSampler(range(n), world, rank, shuffle=True, seed=5, drop_last=False)
+        sampler.set_epoch(4), plain.set_epoch(4)
+        assert list(sampler) == list(plain)
+
+
+def test_repeated_order_is_a_function_of_seed_and_epoch():
+    def order(seed, epoch, sampler=None):
+        sampler = sampler or RepeatedAugSampler(range(100), 2, 1, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    sampler = RepeatedAugSampler(range(100), 2, 1, seed=0)
+    first, second = order(0, 0, sampler), order(0, 1, sampler)
+    assert first != second and order(0, 0, sampler) == first
+    assert order(0, 1) == second  # a resumed run, a new sampler at the same epoch: the same order
+    assert order(1, 0) != first  # another seed
+
+
+def test_loader_repeats_augment_each_copy_apart():
+    data = id_data('synthetic', 12, channels=3)
+    loader = Loader(data, batch_size=6, shuffle=True, augment=True, seed=1, repeats=3)
+    batches = list(loader)
+    assert len(batches) == len(Loader(data, batch_size=6)) == 2
+    ids = torch.cat([i for _, i in batches])
+    assert torch.equal(ids.view(-1, 3), ids[::3, None].expand(-1, 3))  # copies in a row: one rank, one batch
+    assert len(set(ids.tolist())) == 4  # a third of the images, three times each
+    x = torch.cat([x for x, _ in batches]).view(4, 3, -1)
+    assert all(not torch.equal(a[0], a[1]) or not torch.equal(a[1], a[2]) for a in x)  # not one crop thrice
+
+
+# ----------------------------------------------------------------------------------------------------
+# Class-balanced subsets of image folders
+
+def test_class_balanced_subset_is_even_seeded_and_takes_all_of_a_small_class():
+    targets = np.repeat(np.arange(5), 20)  # 5 classes of 20
+    for n in (5, 13, 50, 99):
+        subset = class_balanced_subset(targets, n, seed=0)
+        counts = np.bincount(targets[subset], minlength=5)
+        assert len(set(subset)) == len(subset) == n and counts.max() - counts.min() <= 1 and counts.min() >= 1
+    assert class_balanced_subset(targets, 13, seed=0) == class_balanced_subset(targets, 13, seed=0)
+    assert class_balanced_subset(targets, 13, seed=0) != class_balanced_subset(targets, 13, seed=1)
+    assert class_balanced_subset(targets, 500, seed=0) == list(range(100))  # more than there is: everything
+    assert sorted(np.bincount(targets[class_balanced_subset(targets, 3, seed=0)], minlength=5)) == [0, 0, 1, 1, 1]
+    # class 0 has 2 images, fewer than its share of 13: it gives both, the others share the rest evenly
+    targets = np.array([1] * 10 + [0] * 2 + [2] * 10 + [3] * 10)
+    counts = np.bincount(targets[class_balanced_subset(targets, 13, seed=0)])
+    assert counts[0] == 2 and sorted(counts[1:]) == [3, 4, 4]

@@ -131,6 +131,8 @@ CASES = {  # arguments -> a word the one-line message must contain
     "holdout_on_imagenet": (["--data", "imagenet", "--holdout", "10"], "--holdout"),
     "no_augment_on_imagenet": (["--data", "imagenet", "--no-augment"], "--no-augment"),
     "zero_eval_every": (["--eval-every", "0"], "--eval-every"),
+    "negative_workers": (["--workers", "-1"], "--workers -1"),
+    "zero_repeats": (["--repeats", "0"], "--repeats"),
 }
 
 
@@ -331,3 +333,51 @@ def test_eval_every_evaluates_on_schedule_and_at_the_end(tmp_path):
     best = torch.load(tmp_path / "best.pt", weights_only=True)
     assert best["val_top1"] == max(logs[1]["val_top1"], logs[2]["val_top1"])
 
+
+
+def test_recipes_set_repeats_and_workers_follow_the_cpus(monkeypatch):
+    assert train.get_args(["--data", "imagenet"]).repeats == 3  # DeiT's repeated augmentation
+    assert train.get_args(["--data", "imagenet", "--model", "swin_t"]).repeats == 1  # Swin uses none
+    assert train.get_args(["--data", "fashion_mnist"]).repeats == 1
+    assert train.get_args(["--data", "imagenet", "--model", "swin_t", "--repeats", "2"]).repeats == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert train.get_args([]).workers == 10  # 12 CPUs a GPU: DeiT's 10
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert train.get_args([]).workers == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert train.get_args([]).workers == 1  # fewer CPUs than processes: still one loader process each
+    assert train.get_args(["--workers", "3"]).workers == 3
+
+
+def write_folders(root, train_counts):
+    """An ImageFolder pair of tiny JPEGs: train/c<k>/ with train_counts[k] images, val/c<k>/ with one."""
+    from PIL import Image
+    for split, counts in (("train", train_counts), ("val", [1] * len(train_counts))):
+        for k, count in enumerate(counts):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 36), (40 * k, 10 * i, 90)).save(root / split / f"c{k}" / f"{i}.JPEG")
+
+
+def test_imagenet_subset_is_class_balanced_and_the_sampler_repeats(tmp_path):
+    write_folders(tmp_path, [4, 6, 1, 5])
+    argv = ["--data", "imagenet", "--data-path", str(tmp_path), "--batch-size", "2", "--workers", "0"]
+    loader = train.build_data(train.get_args(argv + ["--subset", "9"]), 0, 1)[0]
+    counts = torch.bincount(torch.tensor(loader.dataset.dataset.targets)[loader.dataset.indices])
+    assert counts[2] == 1 and sorted(counts[[0, 1, 3]].tolist()) == [2, 3, 3]  # class 2 gives all it has
+    other = train.build_data(train.get_args(argv + ["--subset", "9", "--seed", "1"]), 0, 1)[0]
+    assert other.dataset.indices != loader.dataset.indices  # drawn with --seed (on every rank alike)
+    assert isinstance(loader.sampler, data.RepeatedAugSampler) and loader.sampler.repeats == 3
+    assert len(loader.sampler) == 9
+    with pytest.raises(train.UserError, match="--subset 3 is fewer than the 4 classes"):
+        train.build_data(train.get_args(argv + ["--subset", "3"]), 0, 1)
+
+
+def test_imagenet_run_on_a_tiny_folder(tmp_path):
+    write_folders(tmp_path / "data", [3, 3])
+    code, out, err = run_cli("train.py", "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model",
+                             "vit_mini", "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--workers", "1",
+                             "--subset", "4", "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "2 steps of 2 x 1" in out and "3 repeats" in out and "done: best val top-1" in out

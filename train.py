@@ -45,30 +45,32 @@ RECIPES = {
     # 4 epochs of 20k images: 86% top-1 in 3.5 minutes on a 2-core CPU with bf16 (README)
     "synthetic":     dict(model="vit_mini", epochs=4, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=0.4,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix",
-                          augment=True, **TO_ZERO),
+                          augment=True, repeats=1, **TO_ZERO),
     # Chosen on a held-out 10k of the training set (--holdout 10000), one epoch on the other 50k: this recipe
     # 74.2% top-1; batch 128: 68.7%; batch 128 at lr 2e-3: 70.4%; batch 128 with crop + flip and drop path 0.1: 54.9%
     "fashion_mnist": dict(model="vit_mini", epochs=10, batch_size=64, lr=1e-3, lr_batch=64, warmup_epochs=1,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.0, clip_grad=None, mix="cutmix",
-                          augment=False, **TO_ZERO),
+                          augment=False, repeats=1, **TO_ZERO),
     "cifar10":       dict(model="vit_mini", epochs=100, batch_size=128, lr=1e-3, lr_batch=128, warmup_epochs=5,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
-                          augment=True, **TO_ZERO),
+                          augment=True, repeats=1, **TO_ZERO),
     # DeiT (facebookresearch/deit main.py defaults): AdamW 5e-4 x batch/512, wd 0.05, 300 epochs, 5 warm-up
     # epochs from 1e-6, cosine to 1e-5 (both not scaled), timm's scheduler stepped per epoch; smoothing 0.1,
-    # drop path 0.1, no clipping. Mixing: TL-Align's script, CutMix only (DeiT's own: --mix both).
+    # drop path 0.1, no clipping; repeated augmentation, 3 repeats (DeiT's RASampler, also in TL-Align's
+    # script). Mixing: TL-Align's script, CutMix only (DeiT's own: --mix both).
     "imagenet":      dict(model="deit_s", epochs=300, batch_size=128, lr=5e-4, lr_batch=512, warmup_epochs=5,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
                           augment=True, sched="epoch", warmup_lr=1e-6, min_lr=1e-5, scale_ends=False,
-                          warmup_prefix=False),  # DeiT's transforms (data.load_imagenet)
+                          warmup_prefix=False, repeats=3),  # DeiT's transforms (data.load_imagenet)
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist"]
 RECIPES["cifar100"] = RECIPES["cifar10"]
 # Swin on ImageNet (microsoft/Swin-Transformer config.py, lr_scheduler.py, main.py): AdamW 5e-4 x batch/512,
 # 20 warm-up epochs from 5e-7, cosine after the warm-up (WARMUP_PREFIX) to 5e-6, all three x batch/512,
-# stepped per step; clipping 5; Mixup 0.8 / CutMix 1.0 switched per batch (its timm Mixup); drop path by size
+# stepped per step; clipping 5; Mixup 0.8 / CutMix 1.0 switched per batch (its timm Mixup); drop path by size;
+# no repeated augmentation
 SWIN_IMAGENET = dict(lr=5e-4, lr_batch=512, warmup_epochs=20, clip_grad=5.0, mix="both", sched="step",
-                     warmup_lr=5e-7, min_lr=5e-6, scale_ends=True, warmup_prefix=True)
+                     warmup_lr=5e-7, min_lr=5e-6, scale_ends=True, warmup_prefix=True, repeats=1)
 SWIN_DROP_PATH = {"swin_t": 0.2, "swin_s": 0.3, "swin_b": 0.5}
 
 
@@ -97,11 +99,17 @@ def get_args(argv=None):
     p.add_argument("--mixup-alpha", type=float, default=0.8)
     p.add_argument("--smoothing", type=float, default=None)
     p.add_argument("--drop-path", type=float, default=None)
-    p.add_argument("--subset", type=int, default=None, help="train on the first N training samples")
+    p.add_argument("--subset", type=int, default=None,
+                   help="train on N training samples: the first N of a small set; of an image folder N drawn "
+                        "with --seed, as even across the classes as their sizes allow (at least one per class)")
     p.add_argument("--holdout", type=int, default=None,
                    help="validate on the last N training samples instead of the test split (to choose a recipe)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="random crop and flip of small images (default: the recipe's; --no-augment: mixing only)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="repeated augmentation: each image this many times an epoch, the copies on different "
+                        "processes, an epoch as many steps as without (default: the recipe's: 3 for DeiT on "
+                        "ImageNet, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -111,7 +119,9 @@ def get_args(argv=None):
                    help="torch.compile the model (on a 2-core CPU: ~45 s to compile, then 3-13%% faster steps)")
     p.add_argument("--fused-attn", action="store_true",
                    help="scaled_dot_product_attention with the labels riding along (same results, less memory)")
-    p.add_argument("--workers", type=int, default=8, help="ImageNet loader processes per GPU")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ImageNet loader processes per GPU (default: the CPUs this process may use divided by "
+                        "torchrun's LOCAL_WORLD_SIZE, at least 1, at most 10 as in DeiT)")
     p.add_argument("--output-dir", default="runs/default")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
     p.add_argument("--finetune", default=None,
@@ -124,7 +134,8 @@ def get_args(argv=None):
     args.model = args.model or recipe["model"]
     if args.data == "imagenet" and args.model.startswith("swin"):
         recipe.update(SWIN_IMAGENET, drop_path=SWIN_DROP_PATH.get(args.model, 0.2))
-    for key in ("epochs", "batch_size", "weight_decay", "clip_grad", "mix", "smoothing", "drop_path", "augment"):
+    for key in ("epochs", "batch_size", "weight_decay", "clip_grad", "mix", "smoothing", "drop_path", "augment",
+                "repeats"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
     if args.warmup_epochs is None:  # the recipe's warm-up, but at most a tenth of a shorter run
@@ -132,12 +143,24 @@ def get_args(argv=None):
     args.lr_recipe = (recipe["lr"], recipe["lr_batch"])
     args.lr_ends = (recipe["warmup_lr"], recipe["min_lr"], recipe["scale_ends"])
     args.sched, args.warmup_prefix = recipe["sched"], recipe["warmup_prefix"]
+    if args.workers is None:
+        args.workers = default_workers()
     return args
+
+
+def default_workers():
+    """--workers' default: the CPUs this process may run on, shared by the processes torchrun started on
+    this node (LOCAL_WORLD_SIZE), at least 1 and at most 10 (DeiT's --num_workers)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no CPU affinity on macOS and Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def check_args(args):
     """Refuse settings that cannot train, with the one line that says what to change."""
-    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every", "img_size", "window_size"):
+    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every", "img_size", "window_size", "repeats"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
@@ -145,6 +168,8 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: must be 0 (load in the training process) or more")
     if args.data == "imagenet" and args.augment is False:
         raise UserError("--no-augment is for the small data sets; ImageNet trains with DeiT's transforms")
     if args.holdout is not None and args.data == "imagenet":
@@ -196,9 +221,15 @@ def build_data(args, rank, world):
         val_set = data.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
         info["num_classes"] = len(train_set.classes)
         if args.subset is not None:
-            train_set = torch.utils.data.Subset(train_set, range(min(args.subset, len(train_set))))
-        sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=args.seed,
-                                                      drop_last=True)
+            # validation covers every class: so must training, or those classes can only be got wrong
+            if args.subset < info["num_classes"]:
+                raise UserError(f"--subset {args.subset} is fewer than the {info['num_classes']} classes of "
+                                f"{args.data_path}/train: every class needs a training image; give at least "
+                                f"{info['num_classes']}")
+            train_set = torch.utils.data.Subset(train_set, data.class_balanced_subset(train_set.targets,
+                                                                                      args.subset, args.seed))
+        # repeats 1: DistributedSampler(drop_last=False)'s indices
+        sampler = data.RepeatedAugSampler(train_set, world, rank, args.repeats, args.seed)
         # workers restart every epoch, seeded from the epoch's RNG, so that a resumed run repeats them
         kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available())
         train = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True, **kw)
@@ -218,7 +249,7 @@ def build_data(args, rank, world):
         train_set = data.load_small(args.data, args.data_path, train=True, subset=args.subset, seed=0)
         val_set = data.load_small(args.data, args.data_path, train=False, seed=0)
     train = data.Loader(train_set, args.batch_size, shuffle=True, augment=args.augment, drop_last=True,
-                        rank=rank, world_size=world, seed=args.seed)
+                        rank=rank, world_size=world, seed=args.seed, repeats=args.repeats)
     shard = data.select(replace(val_set, masks=None), slice(rank, None, world))
     val = data.Loader(shard, 256)
     return train, val, val_set, info
@@ -559,7 +590,7 @@ def run(args):
     log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
         f"{len(train_loader)} steps of {args.batch_size} x {world} per epoch, {args.epochs} epochs, "
         f"lr {args.lr:.2e}, mix {args.mix}, target {args.target}, {device}, amp {amp}"
-        f"{', compiled' if args.compile else ''}")
+        f"{', compiled' if args.compile else ''}{f', {args.repeats} repeats' if args.repeats > 1 else ''}")
     if rank == 0:
         drop_later_epochs(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
     saved_args = {k: v for k, v in vars(args).items() if not isinstance(v, tuple)}
