@@ -381,3 +381,22 @@ def test_imagenet_run_on_a_tiny_folder(tmp_path):
                              "--subset", "4", "--output-dir", str(tmp_path / "run"))
     assert code == 0, err
     assert "2 steps of 2 x 1" in out and "3 repeats" in out and "done: best val top-1" in out
+
+
+def test_the_readme_commands_of_the_papers_table_run_each_rows_recipe():
+    # DeiT's and Swin's baselines: their own Mixup/CutMix switch (timm's pixel-box CutMix), area target;
+    # TL-Align rows: DeiT with CutMix alone (the official script), Swin with Swin's switch
+    readme = open(os.path.join(HERE, "README.md")).read()
+    rows = [line.split("|")[1:4] for line in readme.splitlines() if line.startswith("| DeiT-S ") or
+            line.startswith("| Swin-T ")]
+    assert len(rows) == 4
+    base = ["--data", "imagenet", "--data-path", "/data/imagenet"]
+    for name, paper, command in rows:
+        args = train.get_args(base + command.strip(" `").split())
+        family = args.model[:4]
+        assert args.mix == "both" if family == "swin" or "baseline" in name else args.mix == "cutmix", name
+        if "baseline" in name:
+            assert (args.target, args.cutmix_mode) == ("area", "pixel"), name
+        else:
+            assert (args.target, args.cutmix_mode) == ("tl_align", "grid"), name
+        assert args.repeats == (3 if family == "deit" else 1) and float(paper) > 79

@@ -6,8 +6,10 @@
     torchrun --nproc_per_node=8 train.py --data imagenet --data-path /imagenet --model deit_s
 
 One loop for every device: CUDA with bf16 autocast when present, the CPU otherwise; DDP when launched
-by torchrun (NCCL on GPUs, gloo on CPUs). Recipes: DeiT (Touvron et al. 2021) and Swin (Liu et al.
-2021) as PAPER.md states them, with TL-Align's CutMix-only mixing; small recipes for 32 px data.
+by torchrun (NCCL on GPUs, gloo on CPUs). Recipes: DeiT (Touvron et al. 2021) with TL-Align's CutMix-only
+mixing and Swin (Liu et al. 2021) with its Mixup/CutMix switch, each value as in their code (RECIPES);
+small recipes for 32 px data. The step never waits for the device: the host reads the loss (and checks it
+is finite) only every --log-every steps.
 
 The target of a CutMix batch is chosen by --target (paper Sec. 3): `tl_align`, the class token's aligned
 label; `area`, CutMix's lam (paper Eq. (1)); `transmix`, TransMix's attention lam. Mixup batches always
