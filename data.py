@@ -372,8 +372,9 @@ class Loader:
     """Batches (images (B, C, 32, 32) float32 normalised, labels (B,) int64) of one rank's share of data."""
 
     def __init__(self, data, batch_size, shuffle=False, augment=False, drop_last=False, rank=0, world_size=1,
-                 seed=0, repeats=1):
+                 seed=0, repeats=1, pin_memory=False):
         self.data, self.batch_size, self.shuffle, self.augment = data, batch_size, shuffle, augment
+        self.pin_memory = pin_memory  # for CUDA: a copy from pinned memory does not make the host wait
         self.drop_last, self.rank, self.world_size, self.seed = drop_last, rank, world_size, seed
         self.repeats = repeats  # repeated augmentation, as RepeatedAugSampler
         self.epoch = 0
@@ -401,7 +402,8 @@ class Loader:
             images = self.data.images[batch]
             if self.augment:
                 images = random_crop_flip(images, aug, flip=info['hflip'])
-            yield normalize(images, info['mean'], info['std']), self.data.labels[batch]
+            images, labels = normalize(images, info['mean'], info['std']), self.data.labels[batch]
+            yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import train
 import vit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = torch.device("cpu")
 SMALL = ["--subset", "256", "--batch-size", "64", "--log-every", "1000"]
 
 
@@ -228,13 +229,13 @@ def test_swin_schedule_is_swins_timm_scheduler_stepped_per_step(model, drop_path
     assert (args.drop_path, args.clip_grad, args.mix, args.warmup_epochs) == (drop_path, 5.0, "both", 20)
     scale = 1024 / 512  # Swin's main.py: BASE_LR, WARMUP_LR and MIN_LR x batch x world / 512
     assert (args.lr, args.warmup_lr, args.min_lr) == (5e-4 * scale, 5e-7 * scale, 5e-6 * scale)
-    # Swin's lr_scheduler.build_scheduler with WARMUP_PREFIX, and step_update(epoch * steps + idx) after
-    # every update (main.py)
+    # Swin's lr_scheduler.build_scheduler as it produced Swin's results (no WARMUP_PREFIX: t_initial is all
+    # the steps), and step_update(epoch * steps + idx) after every update (main.py)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.lr)
     num_steps, warmup_steps = 300 * steps, 20 * steps
-    swin = CosineLRScheduler(optimizer, t_initial=num_steps - warmup_steps, cycle_mul=1., lr_min=args.min_lr,
+    swin = CosineLRScheduler(optimizer, t_initial=num_steps, cycle_mul=1., lr_min=args.min_lr,
                              warmup_lr_init=args.warmup_lr, warmup_t=warmup_steps, cycle_limit=1,
-                             t_in_epochs=False, warmup_prefix=True)
+                             t_in_epochs=False)
     theirs = []
     for step in range(num_steps):
         theirs.append(optimizer.param_groups[0]["lr"])
@@ -313,7 +314,7 @@ def test_cpu_bf16_is_read_off_the_feature_flags(tmp_path, monkeypatch):
 
 def test_holdout_validates_on_the_last_training_samples():
     args = train.get_args(["--subset", "300", "--holdout", "200", "--no-augment", "--batch-size", "100"])
-    train_loader, _, val_set, _ = train.build_data(args, 0, 1)
+    train_loader, _, val_set, _ = train.build_data(args, 0, 1, CPU)
     images, labels, masks = data.make_synthetic(500)  # the training stream, never the val stream
     assert torch.equal(train_loader.data.images, torch.from_numpy(images[:300]))
     assert torch.equal(val_set.images, torch.from_numpy(images[300:])) and torch.equal(val_set.masks,
@@ -363,15 +364,15 @@ def write_folders(root, train_counts):
 def test_imagenet_subset_is_class_balanced_and_the_sampler_repeats(tmp_path):
     write_folders(tmp_path, [4, 6, 1, 5])
     argv = ["--data", "imagenet", "--data-path", str(tmp_path), "--batch-size", "2", "--workers", "0"]
-    loader = train.build_data(train.get_args(argv + ["--subset", "9"]), 0, 1)[0]
+    loader = train.build_data(train.get_args(argv + ["--subset", "9"]), 0, 1, CPU)[0]
     counts = torch.bincount(torch.tensor(loader.dataset.dataset.targets)[loader.dataset.indices])
     assert counts[2] == 1 and sorted(counts[[0, 1, 3]].tolist()) == [2, 3, 3]  # class 2 gives all it has
-    other = train.build_data(train.get_args(argv + ["--subset", "9", "--seed", "1"]), 0, 1)[0]
+    other = train.build_data(train.get_args(argv + ["--subset", "9", "--seed", "1"]), 0, 1, CPU)[0]
     assert other.dataset.indices != loader.dataset.indices  # drawn with --seed (on every rank alike)
     assert isinstance(loader.sampler, data.RepeatedAugSampler) and loader.sampler.repeats == 3
     assert len(loader.sampler) == 9
     with pytest.raises(train.UserError, match="--subset 3 is fewer than the 4 classes"):
-        train.build_data(train.get_args(argv + ["--subset", "3"]), 0, 1)
+        train.build_data(train.get_args(argv + ["--subset", "3"]), 0, 1, CPU)
 
 
 def test_imagenet_run_on_a_tiny_folder(tmp_path):
@@ -400,3 +401,16 @@ def test_the_readme_commands_of_the_papers_table_run_each_rows_recipe():
         else:
             assert (args.target, args.cutmix_mode) == ("tl_align", "grid"), name
         assert args.repeats == (3 if family == "deit" else 1) and float(paper) > 79
+
+
+def test_batches_for_a_gpu_come_from_pinned_memory(monkeypatch):
+    # a copy to the GPU from unpinned memory makes the host wait for the stream; Tensor.pin_memory needs a GPU,
+    # so it is replaced by a recorder here, and the loaders are built for a CUDA device they never reach
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.data_ptr()) or self)
+    args = train.get_args(["--subset", "64", "--batch-size", "32"])
+    for device, expected in ((torch.device("cuda"), True), (CPU, False)):
+        train_loader, val_loader, _, _ = train.build_data(args, 0, 1, device)
+        pinned.clear()
+        batches = [b for loader in (train_loader, val_loader) for b in loader]
+        assert sorted(pinned) == sorted(t.data_ptr() for b in batches for t in b) if expected else not pinned

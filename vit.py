@@ -260,7 +260,7 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(embed_dim, num_classes)
         init_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)  # timm 0.3.2's, which DeiT and TL-Align ran (later: 1e-6)
 
     def forward(self, x, token_labels=None, return_cls_attn=False):
         """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
