@@ -28,8 +28,9 @@ transforms (Touvron et al. 2021: timm's create_transform as DeiT's datasets.py c
 rand-m9-mstd0.5-inc1 with the op list, magnitude formulas, sampling, fill and interpolation of timm 1.0.31's
 auto_augment.py and transforms_factory.py; random erasing 0.25 in 'pixel' mode); per-epoch seeding and
 wrap-around padding of shards as in torch.utils.data.DistributedSampler; repeated augmentation dealt out
-as DeiT's samplers.py RASampler does (each index repeated in a row, the list strided over the ranks). CIFAR mean / std are the usual
-training-set statistics; the MNIST-like ones are for the 32x32 zero-padded images (derivation at DATASETS).
+as DeiT's samplers.py RASampler does (each index repeated in a row, the list strided over the ranks).
+CIFAR mean / std are the usual training-set statistics; the MNIST-like ones are for the 32x32 zero-padded
+images (derivation at DATASETS).
 """
 import gzip
 import math

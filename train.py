@@ -586,9 +586,9 @@ def run(args):
     raw = model
     if world > 1:
         # buffers are constants (position indices, shift masks): nothing to broadcast
-        no_sync = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else "broadcast_buffers": False}  # renamed in torch 2.14
-        model = DDP(model, device_ids=[device] if device.type == "cuda" else None, **no_sync)
+        keep_buffers = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                        else "broadcast_buffers": False}  # renamed in torch 2.14
+        model = DDP(model, device_ids=[device] if device.type == "cuda" else None, **keep_buffers)
     if args.compile:  # after DDP, so that compiled graphs overlap the gradient all-reduce
         model = torch.compile(model)
     log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
