@@ -55,12 +55,13 @@ ARMS = {
     "deit":       ["--mix", "both", "--target", "area", "--cutmix-mode", "pixel"],
     "transmix":   ["--mix", "cutmix", "--target", "transmix"],
     "tl_align":   ["--mix", "cutmix", "--target", "tl_align"],
+    "oracle":     ["--mix", "cutmix", "--target", "oracle"],  # the upper reference: needs object masks
 }
 PILOT = ["none", "area"]  # run first: the matrix means something only if CutMix pays in the regime
 MODELS = ["vit_mini", "swin_mini"]
 # flags of train.py that compare.py sets itself, per run
 OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--cutmix-mode", "--seed", "--epochs", "--subset",
-             "--output-dir", "--resume"}
+             "--holdout", "--output-dir", "--resume"}
 
 
 def train_command(run, extra):
@@ -69,6 +70,8 @@ def train_command(run, extra):
            "--epochs", str(run["epochs"])]
     if run["subset"]:
         cmd += ["--subset", str(run["subset"])]
+    if run["holdout"]:
+        cmd += ["--holdout", str(run["holdout"])]
     return cmd + extra + ["--output-dir", run["dir"]]
 
 
@@ -82,12 +85,17 @@ def plan(args):
         for arm, seed in order:
             if arm == "transmix" and vit.PRESETS[model]["family"] != "vit":
                 continue  # TransMix reads the class token's attention
-            run = dict(data=args.data, model=model, arm=arm, seed=seed, epochs=args.epochs, subset=args.subset)
-            run["dir"] = os.path.join(args.out, f"{args.data}-e{args.epochs}-n{args.subset}", model, arm,
-                                      f"seed{seed}")
+            run = dict(data=args.data, model=model, arm=arm, seed=seed, epochs=args.epochs, subset=args.subset,
+                       holdout=args.holdout)
+            run["dir"] = os.path.join(args.out, regime_name(args), model, arm, f"seed{seed}")
             run["cmd"] = train_command(run, args.train_args)
             runs.append(run)
     return runs
+
+
+def regime_name(args):
+    """The folder of a regime's runs: data, epochs, training images and, for a calibration, held-out images."""
+    return f"{args.data}-e{args.epochs}-n{args.subset}" + (f"-holdout{args.holdout}" if args.holdout else "")
 
 
 def records(run):
@@ -382,6 +390,8 @@ def main():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=REGIME["epochs"])
     p.add_argument("--subset", type=int, default=REGIME["subset"], help="training images per run, 0 = all")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="validate on the last N training images, not the test set: to calibrate a regime")
     p.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else 2,
                    help="runs at a time (default: 2 on a CPU, one thread each; 1 on a GPU)")
     p.add_argument("--label-images", type=int, default=2000, help="test images of the label errors")
@@ -393,8 +403,8 @@ def main():
                         f"({' '.join(REGIME['flags'])}), e.g. -- --batch-size 256 --device cuda")
     args = p.parse_args()
     args.train_args = [a for a in args.train_args if a != "--"] or REGIME["flags"]
-    if args.jobs < 1 or args.epochs < 1 or args.subset < 0 or args.label_images < 8:
-        p.error("--jobs and --epochs must be at least 1, --subset at least 0, --label-images at least 8")
+    if args.jobs < 1 or args.epochs < 1 or args.subset < 0 or args.holdout < 0 or args.label_images < 8:
+        p.error("--jobs and --epochs must be at least 1, --subset and --holdout at least 0, --label-images at least 8")
     clash = OWN_FLAGS & {a.split("=")[0] for a in args.train_args}
     if clash:
         p.error(f"after --: {', '.join(sorted(clash))} is set by compare.py itself; "

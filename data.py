@@ -56,11 +56,14 @@ class DataError(Exception):
 # mean / std: synthetic: of make_synthetic(20000, seed 0). MNIST-like: of the padded images; with a share
 # p = 784/1024 of the pixels from the 28x28 image, m' = p*m and s'^2 = p*(s^2 + m^2) - m'^2 (MNIST's
 # m, s = 0.1307, 0.3081; for Fashion-MNIST the result is checked on the files in test_data.py).
+# fashion_mnist_small: of its 60k training images (seed 0), checked in test_data.py.
 DATASETS = {
     'synthetic':     dict(num_classes=10, img_size=32, in_chans=3, mean=(0.5647, 0.5679, 0.5660),
                           std=(0.2387, 0.2387, 0.2386), hflip=True, has_masks=True, default_path=None),
     'fashion_mnist': dict(num_classes=10, img_size=32, in_chans=1, mean=(0.2190,), std=(0.3318,),
                           hflip=True, has_masks=True, default_path='/usr/share/datasets/fashion-mnist'),
+    'fashion_mnist_small': dict(num_classes=10, img_size=32, in_chans=1, mean=(0.2850,), std=(0.1772,),
+                                hflip=True, has_masks=True, default_path='/usr/share/datasets/fashion-mnist'),
     'mnist':         dict(num_classes=10, img_size=32, in_chans=1, mean=(0.1001,), std=(0.2752,),
                           hflip=False, has_masks=True, default_path=None),
     'cifar10':       dict(num_classes=10, img_size=32, in_chans=3, mean=(0.4914, 0.4822, 0.4465),
@@ -105,26 +108,33 @@ def _uniform(rng, low, high, shape):
     return low + (high - low) * rng.random(shape, dtype=np.float32)  # float32 throughout: half the time
 
 
+def _clutter(rng, n, channels, size, base_range, contrast=0.1):
+    """Backgrounds (n, channels, size, size) float32 in [0, 1]-ish and their flat colour (n, channels).
+
+    A flat colour drawn from base_range, plus soft colour blobs and thin lines of +-contrast, so that an
+    object is not found by "anything not flat" and bars / edges also appear outside the object."""
+    y, x = np.mgrid[:size, :size].astype(np.float32) + 0.5  # pixel centres, (size, size) each
+    base = _uniform(rng, *base_range, (n, channels))
+    img = np.broadcast_to(base[:, :, None, None], (n, channels, size, size)).copy()  # (n, channels, size, size)
+    for _ in range(4):
+        cy, cx = _uniform(rng, 0, size, (2, n, 1, 1))
+        sigma = _uniform(rng, 2, 6, (n, 1, 1))
+        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))  # (n, size, size)
+        img += _uniform(rng, -contrast, contrast, (n, channels, 1, 1)) * blob[:, None]
+    for _ in range(2):
+        py, px = _uniform(rng, 0, size, (2, n, 1, 1))
+        angle = _uniform(rng, 0, np.pi, (n, 1, 1))
+        line = np.abs((x - px) * np.sin(angle) - (y - py) * np.cos(angle)) < 0.6  # (n, size, size)
+        img += _uniform(rng, -contrast, contrast, (n, channels, 1, 1)) * line[:, None]
+    return img, base
+
+
 def _synthetic_chunk(rng, n, size=32):
     """n balanced samples: images (n, 3, size, size) uint8, labels (n,) int64, masks (n, size, size) bool."""
     labels = rng.permutation(np.arange(n) % len(SHAPES))
     y, x = np.mgrid[:size, :size].astype(np.float32) + 0.5  # pixel centres, (size, size) each
 
-    # background: a light flat colour, plus soft colour blobs and thin lines of low contrast, so that the
-    # object is not found by "anything not flat" and bars / edges also appear outside the object
-    base = _uniform(rng, 0.45, 0.9, (n, 3))
-    img = np.broadcast_to(base[:, :, None, None], (n, 3, size, size)).copy()  # (n, 3, size, size)
-    for _ in range(4):
-        cy, cx = _uniform(rng, 0, size, (2, n, 1, 1))
-        sigma = _uniform(rng, 2, 6, (n, 1, 1))
-        blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))  # (n, size, size)
-        img += _uniform(rng, -0.1, 0.1, (n, 3, 1, 1)) * blob[:, None]
-    for _ in range(2):
-        py, px = _uniform(rng, 0, size, (2, n, 1, 1))
-        angle = _uniform(rng, 0, np.pi, (n, 1, 1))
-        line = np.abs((x - px) * np.sin(angle) - (y - py) * np.cos(angle)) < 0.6  # (n, size, size)
-        img += _uniform(rng, -0.1, 0.1, (n, 3, 1, 1)) * line[:, None]
-
+    img, base = _clutter(rng, n, 3, size, (0.45, 0.9))
     # object: side 45-90% of the image, so that most CutMix boxes cut it, anywhere inside the image, 0.3-0.6
     # darker than the background in every channel (any hue). One polarity: with objects lighter or darker
     # at random a ViT sat at chance for the first 10k images; with one, it leaves chance within them.
@@ -198,6 +208,48 @@ def _load_idx(title, path, train):
     return images, labels.astype(np.int64)
 
 
+
+# Small garments on clutter: Fashion-MNIST's garments scaled down to a side of SMALL_SIDE px and pasted at a
+# random place of a 32 px textured background, their ink mask (MASK_THRESHOLD) kept exact. CutMix's lam counts
+# pixels; here most pixels are background, so a box often takes all or none of an object and lam is far from
+# the share of each object the mixed image shows (mean error ~0.2; 0.1 on the full-frame garments).
+SMALL_SIDE = (12, 18)  # the 28 px garment frame scaled to 12-18 px (38-56% of the side); the ink fills ~half of it
+
+
+def _small_garments_chunk(rng, garments, size=32):
+    """garments (n, 28, 28) uint8 -> images (n, 1, size, size) uint8 and masks (n, size, size) bool.
+
+    The draws (background, side, place, noise) do not depend on the garments' pixels, so the pixels
+    outside the mask are the same whatever garment is pasted there."""
+    n = len(garments)
+    img, _ = _clutter(rng, n, 1, size, (0.05, 0.45), contrast=0.2)  # (n, 1, size, size), darker than most ink
+    side = rng.integers(SMALL_SIDE[0], SMALL_SIDE[1] + 1, n)
+    top, left = (rng.random((2, n)) * (size - side + 1)).astype(np.int64)  # anywhere inside the image
+    canvas = np.zeros((n, size, size), dtype=np.float32)  # each garment at its place, 0 elsewhere
+    for s in np.unique(side):
+        rows = np.flatnonzero(side == s)
+        # antialiased bilinear: a garment scaled down keeps its mean ink instead of aliasing its stripes
+        small = F.interpolate(torch.from_numpy(garments[rows]).float()[:, None], size=(int(s), int(s)),
+                              mode='bilinear', antialias=True, align_corners=False)[:, 0].numpy()  # (m, s, s)
+        ys, xs = top[rows, None] + np.arange(s), left[rows, None] + np.arange(s)  # (m, s) each
+        canvas[rows[:, None, None], ys[:, :, None], xs[:, None, :]] = small
+    masks = canvas > MASK_THRESHOLD  # the object is its ink; below the threshold the background shows
+    img[:, 0] = np.where(masks, canvas / 255, img[:, 0])
+    img += 0.04 * rng.standard_normal(img.shape, dtype=np.float32)  # sensor noise on object and background
+    return np.clip(img * 255 + 0.5, 0, 255).astype(np.uint8), masks
+
+
+def small_garments(garments, seed=0, train=True):
+    """Fashion-MNIST garments (n, 28, 28) uint8 pasted small on clutter: images (n, 1, 32, 32) uint8, masks
+    (n, 32, 32) bool. Sample i is a function of (garment i, seed, split, i) alone, as make_synthetic's."""
+    n, chunks = len(garments), []
+    garments = np.pad(garments, ((0, -n % _CHUNK), (0, 0), (0, 0)))  # whole chunks: the same draws for any n
+    for k in range(len(garments) // _CHUNK):
+        rng = np.random.default_rng([seed, int(not train), k, 1])  # streams apart from make_synthetic's
+        chunks.append(_small_garments_chunk(rng, garments[k * _CHUNK:(k + 1) * _CHUNK]))
+    images, masks = (np.concatenate(a)[:n] for a in zip(*chunks))
+    return images, masks
+
 CIFAR_FILES = {  # name: (title, folder, train files, test files, label key, the files in words)
     'cifar10': ('CIFAR-10', 'cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'],
                 b'labels', 'data_batch_1..5 and test_batch'),
@@ -256,8 +308,8 @@ class TensorData:
 
 def load_small(name, path, train, subset=None, seed=0):
     """One split (train=True: train, else val / test) of a small data set as a TensorData with the first
-    `subset` samples (all if None). path: the data directory (None: DATASETS' default_path); seed:
-    synthetic only, which has no files and any size (its subset is the number of samples to make)."""
+    `subset` samples (all if None). path: the data directory (None: DATASETS' default_path); seed: the
+    drawn sets only (synthetic, which has no files and any size, and fashion_mnist_small's placements)."""
     small = [n for n in DATASETS if n != 'imagenet']
     if name not in small:
         raise ValueError(f'unknown small data set {name!r}; choose from {small}')
@@ -269,6 +321,10 @@ def load_small(name, path, train, subset=None, seed=0):
     elif name in ('mnist', 'fashion_mnist'):
         images, labels = _load_idx('MNIST' if name == 'mnist' else 'Fashion-MNIST', path, train)
         masks = images[:, 0] > MASK_THRESHOLD
+    elif name == 'fashion_mnist_small':
+        images, labels = _load_idx('Fashion-MNIST', path, train)
+        labels = labels[:subset]  # only the samples asked for are made: sample i does not depend on the rest
+        images, masks = small_garments(images[:subset, 0, 2:30, 2:30], seed, train)  # the unpadded 28x28
     else:
         images, labels = _load_cifar(name, path, train)
         masks = None  # CIFAR has no segmentation
@@ -370,11 +426,15 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
 
 
 class Loader:
-    """Batches (images (B, C, 32, 32) float32 normalised, labels (B,) int64) of one rank's share of data."""
+    """Batches (images (B, C, 32, 32) float32 normalised, labels (B,) int64) of one rank's share of data;
+    with masks=True also the object masks (B, 32, 32) bool, cropped and flipped with their images."""
 
     def __init__(self, data, batch_size, shuffle=False, augment=False, drop_last=False, rank=0, world_size=1,
-                 seed=0, repeats=1, pin_memory=False):
+                 seed=0, repeats=1, pin_memory=False, masks=False):
+        if masks and data.masks is None:
+            raise ValueError(f'{data.name} has no object masks to load')
         self.data, self.batch_size, self.shuffle, self.augment = data, batch_size, shuffle, augment
+        self.masks = masks
         self.pin_memory = pin_memory  # for CUDA: a copy from pinned memory does not make the host wait
         self.drop_last, self.rank, self.world_size, self.seed = drop_last, rank, world_size, seed
         self.repeats = repeats  # repeated augmentation, as RepeatedAugSampler
@@ -400,11 +460,15 @@ class Loader:
         aug = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, self.rank))
         for i in range(len(self)):
             batch = idx[i * self.batch_size:(i + 1) * self.batch_size]
-            images = self.data.images[batch]
+            images = self.data.images[batch]  # (B, C, H, W) uint8
+            if self.masks:  # an extra channel, so that the crop and flip move them with their images
+                images = torch.cat([images, self.data.masks[batch, None].to(torch.uint8)], dim=1)
             if self.augment:
                 images = random_crop_flip(images, aug, flip=info['hflip'])
-            images, labels = normalize(images, info['mean'], info['std']), self.data.labels[batch]
-            yield (images.pin_memory(), labels.pin_memory()) if self.pin_memory else (images, labels)
+            out = [normalize(images[:, :info['in_chans']], info['mean'], info['std']), self.data.labels[batch]]
+            if self.masks:
+                out.append(images[:, -1].bool())  # (B, H, W)
+            yield tuple(t.pin_memory() for t in out) if self.pin_memory else tuple(out)
 
 
 # ----------------------------------------------------------------------------------------------------

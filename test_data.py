@@ -675,3 +675,54 @@ def test_class_balanced_subset_is_even_seeded_and_takes_all_of_a_small_class():
     targets = np.array([1] * 10 + [0] * 2 + [2] * 10 + [3] * 10)
     counts = np.bincount(targets[class_balanced_subset(targets, 13, seed=0)])
     assert counts[0] == 2 and sorted(counts[1:]) == [3, 4, 4]
+
+
+def test_small_garments_are_drawn_per_sample_and_their_masks_are_their_pixels():
+    from data import small_garments, SMALL_SIDE
+    rng = np.random.default_rng(0)
+    garments = np.zeros((1500, 28, 28), np.uint8)  # garment-like blocks of ink, one per sample
+    for g in garments:
+        top, left, h, w = rng.integers(2, 8), rng.integers(2, 8), rng.integers(12, 20), rng.integers(12, 20)
+        g[top:top + h, left:left + w] = rng.integers(120, 255)
+    images, masks = small_garments(garments, seed=0)
+    assert images.shape == (1500, 1, 32, 32) and images.dtype == np.uint8 and masks.shape == (1500, 32, 32)
+    again, again_masks = small_garments(garments, seed=0)
+    assert np.array_equal(images, again) and np.array_equal(masks, again_masks)  # deterministic per seed
+    assert not np.array_equal(images, small_garments(garments, seed=1)[0])
+    first, first_masks = small_garments(garments[:700], seed=0)  # a sample does not depend on the others
+    assert np.array_equal(first, images[:700]) and np.array_equal(first_masks, masks[:700])
+    assert not np.array_equal(images, small_garments(garments, seed=0, train=False)[0])
+    # the masks are the pasted pixels: the same draws with no garment leave every pixel outside the mask alone
+    empty, empty_masks = small_garments(np.zeros_like(garments), seed=0)
+    assert not empty_masks.any()
+    assert np.array_equal(images[:, 0][~masks], empty[:, 0][~masks])
+    inside = images[:, 0][masks].astype(float) - empty[:, 0][masks]
+    assert np.abs(inside).mean() > 40  # the object replaced the background (noise alone: ~8)
+    # each object is one garment scaled into a box of SMALL_SIDE px
+    heights = np.array([m.any(1).sum() for m in masks])
+    assert heights.min() >= SMALL_SIDE[0] * 12 / 28 - 1 and heights.max() <= SMALL_SIDE[1]
+
+
+def test_fashion_mnist_small_is_a_regime_where_lam_is_wrong():
+    """Small garments on clutter: lam misses the visible share by >= 0.18 on average (0.11 on the
+    full-frame garments), and an area target gives many images whose object the box hid a share."""
+    import tl_align as tl
+    small = load_small('fashion_mnist_small', None, True, subset=4000)
+    full = load_small('fashion_mnist', None, True, subset=4000)
+    x = small.images.float() / 255
+    assert abs(x.mean() - DATASETS['fashion_mnist_small']['mean'][0]) < 0.005
+    assert abs(x.std() - DATASETS['fashion_mnist_small']['std'][0]) < 0.005
+    assert torch.equal(small.labels, full.labels)
+
+    def lam_errors(d):
+        torch.manual_seed(0)
+        sums = torch.zeros(3)
+        for i in range(0, len(d), 8):  # one box per 8 pairs, on the patch grid of vit_mini (patch 4)
+            _, _, lam, visible = tl.cutmix_truth(d.images[i:i + 8].float(), d.masks[i:i + 8], 4)
+            sums += tl.target_errors(tl.area_weights(lam, 8, torch.device('cpu')), visible)
+        return sums[0] / sums[1], sums[2] / sums[1]  # lam's MAE, ghost rate
+
+    small_mae, small_ghosts = lam_errors(small)
+    full_mae, full_ghosts = lam_errors(full)
+    assert small_mae >= 0.18 and full_mae < 0.13
+    assert small_ghosts > 2 * full_ghosts

@@ -134,6 +134,7 @@ CASES = {  # arguments -> a word the one-line message must contain
     "zero_eval_every": (["--eval-every", "0"], "--eval-every"),
     "negative_workers": (["--workers", "-1"], "--workers -1"),
     "zero_repeats": (["--repeats", "0"], "--repeats"),
+    "oracle_without_masks": (["--data", "cifar10", "--data-path", "{tmp}", "--target", "oracle"], "--target oracle"),
 }
 
 
@@ -284,8 +285,9 @@ def count_host_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("flags", [["--fused-attn"], ["--target", "transmix", "--mix", "both", "--cutmix-mode", "pixel"],
-                                   ["--amp", "fp16", "--clip-grad", "1", "--target", "area"], ["--model", "swin_mini"]],
-                         ids=["tl_align_fused", "transmix_deit_switch", "fp16_scaler_clip", "swin"])
+                                   ["--amp", "fp16", "--clip-grad", "1", "--target", "area"], ["--model", "swin_mini"],
+                                   ["--target", "oracle"]],
+                         ids=["tl_align_fused", "transmix_deit_switch", "fp16_scaler_clip", "swin", "oracle"])
 def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch, flags):
     # 8 steps, logging after steps 3, 6 and 8: one host read at each, none in any other step
     reads = count_host_reads(monkeypatch)
@@ -414,3 +416,17 @@ def test_batches_for_a_gpu_come_from_pinned_memory(monkeypatch):
         pinned.clear()
         batches = [b for loader in (train_loader, val_loader) for b in loader]
         assert sorted(pinned) == sorted(t.data_ptr() for b in batches for t in b) if expected else not pinned
+
+
+def test_the_log_measures_the_training_targets_against_the_objects(tmp_path):
+    """On data with masks every epoch logs how far the trained targets were from the visible object shares."""
+    logged = {}
+    for name, flags in {"oracle": ["--target", "oracle"], "area": ["--target", "area"],
+                        "tl_align": [], "none": ["--mix", "none"]}.items():
+        train.main(["--epochs", "1", *SMALL, "--output-dir", str(tmp_path / name), *flags])
+        logged[name] = json.loads((tmp_path / name / "log.jsonl").read_text())
+    assert logged["oracle"]["train_target_mae"] == 0 and logged["oracle"]["train_ghost_rate"] == 0
+    assert 0.05 < logged["area"]["train_target_mae"] < 0.3 and 0 < logged["area"]["train_ghost_rate"] < 0.5
+    # the same draws and images in every arm: an untrained model's aligned label is near lam, not exactly it
+    assert logged["tl_align"]["train_target_mae"] != logged["area"]["train_target_mae"]
+    assert logged["none"]["train_target_mae"] is None and logged["none"]["train_ghost_rate"] is None

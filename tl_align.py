@@ -90,23 +90,55 @@ def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "gr
 
 def cutmix_truth(x: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
                  mode: str = "grid", lam: float | None = None):
-    """`cutmix`, and the share of image 1 that the mixed image really shows, from object masks.
+    """`cutmix`, and how much of each source's object the mixed image really shows, from object masks.
 
     The paper's premise (Sec. 1, Fig. 1): lam counts pixels, but what a mixed image shows of an image
-    is its visible object. With masks that share is measurable: the visible foreground pixels of
-    image 1 over all visible foreground pixels. The masks and the image index ride through cutmix as
-    extra channels, so the truth follows the very pixels the model sees.
+    is its visible object. With masks that is measurable: the visible foreground pixels of image 1 and
+    of image 2. The masks and the image index ride through cutmix as extra channels, so the truth
+    follows the very pixels the model sees.
 
     x: (B, C, H, W); foreground: (B, H, W), 1 on the object; alpha, mode, lam as for `cutmix`. Returns
-    x_mixed, token_weights, lam as `cutmix` does, and truth (B,) float (NaN where no object is visible).
+    x_mixed, token_weights, lam as `cutmix` does, and visible (B, 2) float: the object pixels of image 1
+    (x) and of image 2 (x.flip(0)) in each mixed image. The true share of image 1 is
+    visible[:, 0] / visible.sum(1) (`true_share`).
     """
     B = x.shape[0]
     fg = foreground[:, None].to(x.dtype)  # (B, 1, H, W)
     source = torch.arange(B, dtype=x.dtype, device=x.device).view(B, 1, 1, 1).expand_as(fg)
     mixed, token_weights, lam = cutmix(torch.cat([x, fg, source], 1), patch_size, alpha, mode, lam)
     fg_mixed, from_1 = mixed[:, -2], mixed[:, -1] == source[:, 0]  # (B, H, W) each
-    truth = (fg_mixed * from_1).sum((1, 2)) / fg_mixed.sum((1, 2))  # 0 / 0 = NaN: nothing visible
-    return mixed[:, :-2], token_weights, lam, truth
+    visible = torch.stack([(fg_mixed * from_1).sum((1, 2)), (fg_mixed * ~from_1).sum((1, 2))], dim=1)  # (B, 2)
+    return mixed[:, :-2], token_weights, lam, visible
+
+
+def true_share(visible: torch.Tensor) -> torch.Tensor:
+    """The share of image 1 in the visible object pixels, visible (B, 2) -> (B,): NaN where none is visible."""
+    return visible[:, 0] / visible.sum(dim=1)  # 0 / 0 = NaN
+
+
+def oracle_weights(visible: torch.Tensor, lam: float) -> torch.Tensor:
+    """The oracle target, an upper reference and not a method: each source's share of the object pixels
+    the mixed image shows, lam where it shows none. It needs the object masks, which training data lack;
+    with them it is the best any target (area, TransMix, TL-Align) can do. visible: (B, 2). Returns (B, 2)."""
+    total = visible.sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(total > 0, visible / total.clamp_min(1), area_weights(lam, len(visible), visible.device))
+
+
+GHOST_WEIGHT = 0.1  # a target that gives at least this to an image none of whose object is visible: a ghost label
+
+
+def target_errors(weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """How wrong a batch's targets are, as sums to accumulate on the device (no host read).
+
+    weights: (B, 2) the target's share of each source; visible: (B, 2) from `cutmix_truth`. Counted over
+    the pairs that show some object (where none shows, no target can be right or wrong). Returns (3,)
+    float32: the summed |weights[:, 0] - true share|, the number of those pairs, and the number with a
+    ghost label: a source none of whose object is visible gets at least GHOST_WEIGHT of the target.
+    """
+    shown = visible.sum(dim=1) > 0  # (B,)
+    error = torch.where(shown, (weights[:, 0].float() - true_share(visible)).abs(), 0.0)  # 0 / 0 dropped
+    ghost = shown & ((visible == 0) & (weights.float() >= GHOST_WEIGHT)).any(dim=1)  # (B,)
+    return torch.stack([error.sum(), shown.sum().float(), ghost.sum().float()])
 
 
 @torch.no_grad()
@@ -128,7 +160,8 @@ def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_s
         torch.manual_seed(seed)
         for start in range(0, len(images) - pairs_per_box + 1, pairs_per_box):
             x, fg = images[start:start + pairs_per_box], foreground[start:start + pairs_per_box]
-            xm, w, lam, truth = cutmix_truth(x, fg, patch_size, alpha, mode)
+            xm, w, lam, visible = cutmix_truth(x, fg, patch_size, alpha, mode)
+            truth = true_share(visible)
             keep = truth.isfinite()
             result = model(xm.to(device), w.to(device), **({"return_cls_attn": True} if class_token else {}))
             out["truth"].append(truth[keep])

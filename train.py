@@ -65,7 +65,7 @@ RECIPES = {
                           augment=True, sched="epoch", warmup_lr=1e-6, min_lr=1e-5, scale_ends=False,
                           warmup_prefix=False, repeats=3),  # DeiT's transforms (data.load_imagenet)
 }
-RECIPES["mnist"] = RECIPES["fashion_mnist"]
+RECIPES["mnist"] = RECIPES["fashion_mnist_small"] = RECIPES["fashion_mnist"]
 RECIPES["cifar100"] = RECIPES["cifar10"]
 # Swin on ImageNet (microsoft/Swin-Transformer config.py, lr_scheduler.py, main.py): AdamW 5e-4 x batch/512,
 # 20 warm-up epochs from 5e-7, cosine to 5e-6, all three x batch/512, stepped per step; clipping 5; Mixup 0.8 /
@@ -96,7 +96,9 @@ def get_args(argv=None):
     p.add_argument("--clip-grad", type=float, default=None, help="max gradient norm (default: the recipe's)")
     p.add_argument("--mix", default=None, choices=["cutmix", "mixup", "both", "none"],
                    help="both: CutMix or Mixup with probability 1/2 per batch (DeiT's switch)")
-    p.add_argument("--target", default="tl_align", choices=["tl_align", "area", "transmix"])
+    p.add_argument("--target", default="tl_align", choices=["tl_align", "area", "transmix", "oracle"],
+                   help="the label of a CutMix image; oracle: the shares of its visible objects (needs masks; "
+                        "an upper reference, not a method)")
     p.add_argument("--cutmix-mode", default="grid", choices=["grid", "pixel"])
     p.add_argument("--cutmix-alpha", type=float, default=1.0)
     p.add_argument("--mixup-alpha", type=float, default=0.8)
@@ -180,6 +182,10 @@ def check_args(args):
     if args.target == "transmix" and vit.PRESETS[args.model]["family"] != "vit":
         raise UserError(f"--target transmix needs a class-token model (deit_*, vit_mini), not {args.model}: "
                         f"TransMix is defined on the class token's attention")
+    if args.target == "oracle" and not data.DATASETS[args.data]["has_masks"]:
+        masked = ", ".join(n for n, d in data.DATASETS.items() if d["has_masks"])
+        raise UserError(f"--target oracle reads object masks, which --data {args.data} does not have; use it on "
+                        f"{masked}")
     if args.finetune and args.resume:
         raise UserError("--finetune starts a new run from weights, --resume continues a run: give one "
                         "(a fine-tuning run continues with --resume alone)")
@@ -251,9 +257,10 @@ def build_data(args, rank, world, device):
     else:
         train_set = data.load_small(args.data, args.data_path, train=True, subset=args.subset, seed=0)
         val_set = data.load_small(args.data, args.data_path, train=False, seed=0)
+    # with masks the loader also yields each image's object mask: the training targets are measured against it
     train = data.Loader(train_set, args.batch_size, shuffle=True, augment=args.augment, drop_last=True,
                         rank=rank, world_size=world, seed=args.seed, repeats=args.repeats,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", masks=train_set.masks is not None)
     shard = data.select(replace(val_set, masks=None), slice(rank, None, world))
     val = data.Loader(shard, 256, pin_memory=device.type == "cuda")
     return train, val, val_set, info
@@ -464,26 +471,39 @@ def batch_mix(mix):
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, autocast, num_classes,
                     patch_size, epoch, log):
-    """One pass over the training data; returns (mean loss, images per second, last lr)."""
+    """One pass over the training data; returns (mean loss, images per second, last lr, target errors).
+
+    Target errors, on data with object masks: the summed tl.target_errors of the CutMix batches' targets
+    against the shares of the objects they show, a list of 3; None without masks.
+    """
     model.train()
-    sums = torch.zeros(2, device=device)  # summed loss, non-finite losses: on the device, read when logging
+    # summed loss, non-finite losses, then tl.target_errors' three sums: on the device, read when logging
+    sums = torch.zeros(5, device=device)
     seen, last_log, t0 = 0, 0, time.time()
     steps = len(loader)
-    for step, (x, y) in enumerate(loader):
+    for step, (x, y, *masks) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        fg = masks[0].to(device, non_blocking=True) if masks else None  # (B, H, W) object masks, if the data has
         B = x.shape[0]
         mix = batch_mix(args.mix)
         sources = torch.stack([y, y.flip(0)], dim=1)  # (B, 2): the two images of every pair
         with autocast:
             if mix == "cutmix":
-                x, w, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
+                if fg is None:
+                    x, w, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
+                else:  # the same draws and pixels, and what each mixed image shows of each object
+                    x, w, lam, visible = tl.cutmix_truth(x, fg, patch_size, args.cutmix_alpha, args.cutmix_mode)
                 if args.target == "tl_align":
                     logits, weights = model(x, w)  # the class token's aligned label (B, 2)
                 elif args.target == "transmix":
                     logits, cls_attn = model(x, return_cls_attn=True)
                     weights = tl.transmix_lambda(cls_attn, w, lam)
+                elif args.target == "oracle":  # an upper reference: the truth, known only where masks exist
+                    logits, weights = model(x), tl.oracle_weights(visible, lam)
                 else:
                     logits, weights = model(x), tl.area_weights(lam, B, device)
+                if fg is not None:
+                    sums[2:] += tl.target_errors(weights, visible)
             elif mix == "mixup":  # every token has the same label: the area target is exact
                 x, lam = tl.mixup(x, args.mixup_alpha)
                 logits, weights = model(x), tl.area_weights(lam, B, device)
@@ -500,7 +520,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        sums += torch.stack([loss.detach() * B, (~torch.isfinite(loss.detach())).float()])
+        sums[:2] += torch.stack([loss.detach() * B, (~torch.isfinite(loss.detach())).float()])
         seen += B
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             # the loop's only host read, every --log-every steps: a step never waits for the device.
@@ -509,7 +529,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
             totals = sums.clone()
             if dist.is_initialized():
                 dist.all_reduce(totals)  # every rank reads the same sums: all stop together
-            loss_sum, bad = totals.tolist()
+            loss_sum, bad, *errors = totals.tolist()
             if bad:
                 raise UserError(f"non-finite loss in epoch {epoch}, steps {last_log + 1}-{step + 1}; training "
                                 f"stopped, the last checkpoint in {args.output_dir} is intact: lower --lr, set "
@@ -517,7 +537,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
             last_log, rate = step + 1, seen * args.world / (time.time() - t0)
             log(f"epoch {epoch} [{step + 1}/{steps}] loss {loss_sum / (seen * args.world):.4f} "
                 f"lr {lr:.2e} {rate:.0f} img/s eta {(steps - step - 1) * B * args.world / rate:.0f}s")
-    return loss_sum / (seen * args.world), rate, lr
+    return loss_sum / (seen * args.world), rate, lr, (errors if fg is not None else None)
 
 
 def run(args):
@@ -607,7 +627,7 @@ def run(args):
         else:
             train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
-        train_loss, rate, lr = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
+        train_loss, rate, lr, errors = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
                                                autocast, info["num_classes"], raw.patch_embed.patch_size,
                                                epoch, log)
         top1 = top5 = mae = None
@@ -616,10 +636,16 @@ def run(args):
             mae = label_accuracy(raw, val_set, args, device, autocast) if rank == 0 else None
             best = max(best, top1)
         if rank == 0:
+            error_sum, shown, ghosts = errors or (0, 0, 0)
+            # train_target_*: how right the targets this run trained on were (CutMix batches, masked data):
+            # mean |share of image 1 - true share| over pairs showing some object, and the share of pairs
+            # with a ghost label (tl.target_errors)
             record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
                           lr=lr, epoch_time_s=time.time() - t0, img_per_s=rate,
                           label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
-                          label_mae_transmix=mae and mae["transmix"])
+                          label_mae_transmix=mae and mae["transmix"],
+                          train_target_mae=error_sum / shown if shown else None,
+                          train_ghost_rate=ghosts / shown if shown else None)
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             if top1 == best:  # before checkpoint.pt, whose best_top1 must describe a best.pt on disk

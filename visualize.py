@@ -110,8 +110,9 @@ def tokens_figure(plt, model, args, val_set, num_pairs, box_lam, seed, path):
         masks = val_set.masks[pair].bool()  # (2, H, W)
         source = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, *masks.shape[1:])
         # the image index rides along as a channel: it tells which image each mixed pixel shows
-        xs, w, lam, truth = tl.cutmix_truth(torch.cat([x, source], 1), masks, p, mode=args["cutmix_mode"],
-                                            lam=box_lam)
+        xs, w, lam, visible = tl.cutmix_truth(torch.cat([x, source], 1), masks, p, mode=args["cutmix_mode"],
+                                              lam=box_lam)
+        truth = tl.true_share(visible)
         xm, from_1 = xs[:, :-1], xs[0, -1] == 0  # (2, C, H, W), (H, W)
         grids, head = trace_labels(model, xm, w)
         ax = axes[row]
