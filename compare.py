@@ -2,24 +2,32 @@
 TransMix and TL-Align side by side, paired by seed, in a regime where CutMix pays: the evidence of
 paper Sec. 4 at a CPU's budget.
 
-    python compare.py                      # the default matrix (see the top of results.md for its wall time)
-    python compare.py --arms none area --seeds 0 1 2      # the pilot alone: does CutMix beat no mixing here?
-    python compare.py --report             # only rewrite results.md from the runs on disk
+    python compare.py --study all          # the studies of results.md, resumable, records in results/
+    python compare.py --study calibration  # one of them
+    python compare.py --study all --report # only rewrite results.md from the records on disk
+    python compare.py --arms none area --seeds 0 1 2      # an ad-hoc matrix, in runs/compare/
     python compare.py --seeds 0 1 2 --data cifar100 --subset 0 --epochs 300 -- --device cuda   # a GPU budget
 
-The regime (REGIME): Fashion-MNIST, the first 1,000 training images, 100 epochs, CutMix the only
-augmentation (no crop or flip, no drop path): small enough that a 0.68M-parameter ViT memorises its data
-without mixing, so that CutMix's regularisation has something to fix (PAPER.md, calibration). The arms
+The regime (REGIME): 1,000 training images, 100 epochs, CutMix the only augmentation (no crop or flip, no
+drop path): small enough that a 0.68M-parameter ViT memorises its data without mixing (on Fashion-MNIST: no
+mixing 71.3% with its training loss at the smoothing floor, CutMix 77.3%), so that CutMix's regularisation has
+something to fix. A comparison of targets also needs a regime where the target matters: STUDIES first
+calibrates one on held-out training images (none, area and the oracle target, which knows the visible
+object shares: it must beat area, or no target can), then runs the matrix on fresh seeds. The arms
 (ARMS) are train.py flag sets; every run is `python train.py ...` in its own directory,
-OUT/<data>-e<epochs>-n<subset>/<model>/<arm>/seed<seed>, which keeps the command that made it (cmd.json):
-another command never reuses its runs. The matrix is resumable: a finished run (all its epochs in
-log.jsonl) is not run again, and a run cut short continues from its checkpoint.
+OUT/<data>-e<epochs>-n<subset>[-holdout<N>]/<model>/<arm>/seed<seed>, which keeps the command that made it
+(cmd.json): another command never reuses its runs. Resumable: a finished run (all its epochs in log.jsonl)
+is not run again, and a run cut short continues from its checkpoint. A study's small records (cmd.json,
+log.jsonl, wall.json, label_errors_*.json; never checkpoints) are committed under results/, so that any
+machine can rewrite results.md (--report) and skips what is done.
 
-results.md, per model: the pilot (no mixing against CutMix), then per arm the final test top-1 (mean and
-std over seeds) and its paired difference to the area target with a 95% interval; the label errors of
-the final models (the mean absolute error of the area, TL-Align and TransMix shares of image 1 against
-the visible-foreground truth, tl_align.target_shares); the commands and the wall time. Only the final
-epoch is reported: picking the best epoch would select on the test set.
+results.md, per study and model. A calibration (held-out data): top-1 at every evaluated epoch, the paired
+differences CutMix − none and oracle − area with 95% intervals, and whether the regime counts. A matrix
+(test set): the pilot (no mixing against CutMix), then per arm the final top-1 (mean and std over seeds)
+and its paired difference to the area target with a 95% interval; the label errors of the final models
+(the mean absolute error of the area, TL-Align and TransMix shares of image 1 against the
+visible-foreground truth, tl_align.target_shares); the commands, seeds, commit and wall time. Only the
+final epoch is reported: picking the best epoch would select on the test set.
 """
 import argparse
 import json
@@ -42,7 +50,7 @@ import vit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The regime: data set, training images (0 = all), epochs, and the train.py flags that make CutMix the only
-# augmentation; 5 warm-up epochs of 100 as in PAPER.md's calibration; the test set evaluated every 25 epochs.
+# augmentation; 5 warm-up epochs of 100; the validation set evaluated every 25 epochs.
 REGIME = dict(data="fashion_mnist", subset=1000, epochs=100,
               flags=["--batch-size", "128", "--lr", "1e-3", "--no-augment", "--drop-path", "0", "--warmup-epochs", "5",
                      "--eval-every", "25", "--compile"])
@@ -58,6 +66,14 @@ ARMS = {
     "oracle":     ["--mix", "cutmix", "--target", "oracle"],  # the upper reference: needs object masks
 }
 PILOT = ["none", "area"]  # run first: the matrix means something only if CutMix pays in the regime
+# The studies that results.md reports, in order: `python compare.py --study NAME` runs one, `--study all` all.
+# calibration: on the last 10,000 training images (--holdout), never the test set, so that choosing the regime
+# and its budget does not tune on the evaluation data; seeds apart from the matrix's.
+STUDIES = {
+    "calibration": dict(data="fashion_mnist_small", models=["vit_mini"], arms=["none", "area", "oracle"],
+                        seeds=[0, 1, 2], epochs=100, subset=1000, holdout=10000,
+                        train_args=[f for f in REGIME["flags"] if f != "--compile"]),
+}
 MODELS = ["vit_mini", "swin_mini"]
 # flags of train.py that compare.py sets itself, per run
 OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--cutmix-mode", "--seed", "--epochs", "--subset",
@@ -96,6 +112,11 @@ def plan(args):
 def regime_name(args):
     """The folder of a regime's runs: data, epochs, training images and, for a calibration, held-out images."""
     return f"{args.data}-e{args.epochs}-n{args.subset}" + (f"-holdout{args.holdout}" if args.holdout else "")
+
+
+def study_args(args, name):
+    """args with a study's data, models, arms, seeds, budget and train.py flags in place of its own."""
+    return argparse.Namespace(**{**vars(args), **STUDIES[name], "study": name})
 
 
 def records(run):
@@ -331,51 +352,143 @@ def log_invocation(args, runs, seconds):
     os.makedirs(args.out, exist_ok=True)
     entries = read_json(path, [])
     entries.append(dict(argv=shlex.join(["python", "compare.py", *sys.argv[1:]]), seconds=seconds,
-                        dirs=[r["dir"] for r in runs]))
+                        dirs=[r["dir"] for r in runs], commit=git_commit()))
     write_json(path, entries)
 
 
-def report(runs, args):
-    """Write results.md from the finished runs."""
+def git_commit():
+    """The commit of the code that runs (with '+changes' if the tree differs from it), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def eval_epochs(runs):
+    """The epochs at which every finished run was evaluated (1-based), in order."""
+    common = None
+    for run in runs:
+        if finished(run):
+            evaluated = {r["epoch"] + 1 for r in records(run) if r.get("val_top1") is not None}
+            common = evaluated if common is None else common & evaluated
+    return sorted(common or [])
+
+
+def training_errors(run):
+    """(mean training-target MAE, mean ghost rate) over a run's epochs, None where it logged none."""
+    logs = records(run)
+    mae = [r["train_target_mae"] for r in logs if r.get("train_target_mae") is not None]
+    ghost = [r["train_ghost_rate"] for r in logs if r.get("train_ghost_rate") is not None]
+    return (statistics.mean(mae) if mae else None), (statistics.mean(ghost) if ghost else None)
+
+
+def calibration_table(runs, args):
+    """A held-out study: per arm the accuracy at each evaluated epoch, the training targets' errors, and
+    the paired differences that decide whether the regime counts (CutMix > none, oracle > area)."""
+    epochs = eval_epochs(runs)
+    by_arm = {}
+    for run in runs:
+        if finished(run):
+            logs = {r["epoch"] + 1: r["val_top1"] for r in records(run)}
+            mae, ghost = training_errors(run)
+            by_arm.setdefault(run["arm"], []).append(dict(seed=run["seed"], top1=logs, mae=mae, ghost=ghost,
+                                                          wall=wall_time(run)))
+    head = " | ".join(f"epoch {e}" for e in epochs)
+    lines = [f"Held-out top-1 (%) by epoch, mean ± std over seeds; the training targets' mean error against the "
+             f"visible object shares and ghost-label rate, averaged over epochs:", "",
+             f"| arm | seeds | {head} | train target MAE | ghost rate | min/run |",
+             "|---|---|" + "---|" * len(epochs) + "---|---|---|"]
+    for arm in ARMS:
+        stats = by_arm.get(arm)
+        if stats:
+            lines.append(f"| {arm} | {len(stats)} | " + " | ".join(mean_std([s['top1'][e] for s in stats])
+                                                                 for e in epochs) +
+                         f" | {mean_std([s['mae'] for s in stats], 3)} | {mean_std([s['ghost'] for s in stats], 3)}"
+                         f" | {statistics.mean(s['wall'] for s in stats) / 60:.1f} |")
+    lines += ["", "Paired differences (points, mean ± 95% interval over seeds):", "",
+              f"| difference | {head} |", "|---|" + "---|" * len(epochs)]
+    counts = set(epochs)
+    for arm, base in (("area", "none"), ("oracle", "area")):
+        pairs = paired(by_arm.get(arm, []), by_arm.get(base, []))
+        if not pairs:
+            counts = set()
+            continue
+        diffs = {e: [a["top1"][e] - b["top1"][e] for a, b in pairs] for e in epochs}
+        counts &= {e for e in epochs if len(pairs) > 1 and verdict(diffs[e]).endswith("(higher)")}
+        lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs) + " |")
+    lines += ["", "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above "
+              f"0) at epoch {', '.join(map(str, sorted(counts)))}." if counts else
+              "**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or the oracle "
+              "does not beat area, with an interval above 0."]
+    return lines
+
+
+def command_template(runs, args):
+    """A line with the train.py command of a group's runs, ARM and S in place of the arm's flags and seed."""
+    run = runs[0]
+    template = dict(run, arm="area", seed="S", dir=os.path.join(os.path.dirname(os.path.dirname(run["dir"])),
+                                                                 "ARM", "seedS"))
+    arms = {arm: ARMS[arm] for arm in dict.fromkeys(r["arm"] for r in runs)}
+    return (f"Each run is `python {shlex.join(train_command(template, args.train_args))}` with the arm's flags in "
+            f"place of `{shlex.join(ARMS['area'])}`: " +
+            "; ".join(f"{arm}: `{shlex.join(flags)}`" for arm, flags in arms.items()) + ".")
+
+
+def section(runs, args):
+    """The lines of results.md for one plan of runs: a calibration (held-out data) or a matrix (test set)."""
     groups, val_sets = {}, {}
     for run in runs:
         groups.setdefault(run["model"], []).append(run)
     ran = invocations(args, runs)
     n_done = sum(finished(r) for r in runs)
     subset = "all" if not args.subset else f"the first {args.subset:,}"
-    out = ["# Results: no mixing, CutMix's area target, DeiT's switch, TransMix and TL-Align side by side", "",
-           f"{n_done} of {len(runs)} runs finished, on {platform.machine()} with {os.cpu_count()} CPU threads, "
-           f"torch {torch.__version__}. Wall time of the matrix: {sum(i['seconds'] for i in ran) / 60:.0f} min, "
-           f"run by: " + "; ".join(f"`{i['argv']}` ({i['seconds'] / 60:.0f} min)" for i in ran) + ".", "",
+    name = getattr(args, "study", None) or ("calibration" if args.holdout else "matrix")
+    commits = sorted({i.get("commit", "unknown") for i in ran})
+    out = [f"## {name.capitalize()}: {args.data}, {subset} training images, {args.epochs} epochs", "",
+           f"{n_done} of {len(runs)} runs finished, seeds {', '.join(map(str, args.seeds))}, code at commit "
+           f"{', '.join(commits) or 'unknown'}. Wall time of the {name}: {sum(i['seconds'] for i in ran) / 60:.0f} "
+           f"min, run by: " + "; ".join(f"`{i['argv']}` ({i['seconds'] / 60:.0f} min)" for i in ran) + ".", "",
            f"The regime: {args.data}, {subset} training images, {args.epochs} epochs, train.py's recipe for the "
            f"data set with `{' '.join(args.train_args)}`. Every arm of a seed starts from the same "
-           f"initialisation and sees the same data order.", "",
-           "How to read the tables:",
-           "- *final top-1*: on the whole test set after the last epoch, mean ± standard deviation over seeds.",
-           "- *− area (paired)*: the difference to the area target (CutMix, box on the patch grid) of the same "
-           "seed, mean ± the half-width of its 95% t-interval over seeds. *no difference* when the interval "
-           "holds 0.",
-           f"- *label MAE*: on {args.label_images} test images mixed in CutMix pairs (one random box per 8 "
-           f"pairs, the same for every run), the mean absolute error of each target's share of image 1 "
-           f"against the true share (visible foreground pixels of image 1 over all visible foreground "
-           f"pixels), for the final model of each run: *area* is CutMix's lam, *TL-Align* the aligned label "
-           f"(the class token's; Swin: the mean token's), *TransMix* its attention lam. They are measured on "
-           f"every run, whatever it trained with, with the run's own box (on the patch grid, or on pixels for "
-           f"area_pixel and deit: their area MAE differs for that reason). *TL-Align − area MAE* below 0 "
-           f"means the aligned label is "
-           f"closer to the truth (mean ± 95% interval over seeds).",
-           "- *min/run*: wall time of one run, with another run sharing the machine (--jobs).", ""]
+           f"initialisation and sees the same data order.", ""]
+    if args.holdout:
+        out += [f"Validation on the last {args.holdout:,} training images (`--holdout`), never the test set.", ""]
+        for model, group in groups.items():
+            out += [f"### {model}", "", command_template(group, args), ""] + calibration_table(group, args) + [""]
+        return out
+    out += ["How to read the tables:",
+            "- *final top-1*: on the whole test set after the last epoch, mean ± standard deviation over seeds.",
+            "- *− area (paired)*: the difference to the area target (CutMix, box on the patch grid) of the same "
+            "seed, mean ± the half-width of its 95% t-interval over seeds. *no difference* when the interval "
+            "holds 0.",
+            f"- *label MAE*: on {args.label_images} test images mixed in CutMix pairs (one random box per 8 "
+            f"pairs, the same for every run), the mean absolute error of each target's share of image 1 "
+            f"against the true share (visible foreground pixels of image 1 over all visible foreground "
+            f"pixels), for the final model of each run: *area* is CutMix's lam, *TL-Align* the aligned label "
+            f"(the class token's; Swin: the mean token's), *TransMix* its attention lam. They are measured on "
+            f"every run, whatever it trained with, with the run's own box (on the patch grid, or on pixels for "
+            f"area_pixel and deit: their area MAE differs for that reason). *TL-Align − area MAE* below 0 "
+            f"means the aligned label is closer to the truth (mean ± 95% interval over seeds).",
+            "- *min/run*: wall time of one run, with another run sharing the machine (--jobs).", ""]
     for model, group in groups.items():
-        run = group[0]
-        template = dict(run, arm="area", seed="S", dir=os.path.join(os.path.dirname(os.path.dirname(run["dir"])),
-                                                                     "ARM", "seedS"))
-        out += [f"## {model}", "", f"Each run is `python {shlex.join(train_command(template, args.train_args))}` "
-                f"with the arm's flags in place of `{shlex.join(ARMS['area'])}`: " +
-                "; ".join(f"{arm}: `{shlex.join(flags)}`" for arm, flags in ARMS.items()) + ".", ""]
+        out += [f"### {model}", "", command_template(group, args), ""]
         out += table(group, args.label_images, val_sets) + [""]
-    with open(args.results, "w") as f:
+    return out
+
+
+def report(plans, path):
+    """Write results.md (path) from the finished runs of each (runs, args) in plans, one section each."""
+    out = ["# Results: no mixing, CutMix's area target, the oracle target, TransMix and TL-Align side by side",
+           "", f"On {platform.machine()} with {os.cpu_count()} CPU threads, torch {torch.__version__}.", ""]
+    for runs, args in plans:
+        out += section(runs, args)
+    with open(path, "w") as f:
         f.write("\n".join(out))
-    print(f"wrote {args.results}")
+    print(f"wrote {path}")
 
 
 def interrupt(signum, frame):
@@ -395,8 +508,13 @@ def main():
     p.add_argument("--jobs", type=int, default=1 if torch.cuda.is_available() else 2,
                    help="runs at a time (default: 2 on a CPU, one thread each; 1 on a GPU)")
     p.add_argument("--label-images", type=int, default=2000, help="test images of the label errors")
-    p.add_argument("--out", default="runs/compare", help="directory of the runs")
-    p.add_argument("--results", default="results.md")
+    p.add_argument("--study", choices=[*STUDIES, "all"],
+                   help="run a study of STUDIES (all: each in order) in results/ and report them all in results.md, "
+                        "in place of --data, --models, --arms, --seeds, --epochs, --subset, --holdout and train.py flags")
+    p.add_argument("--out", default=None, help="directory of the runs (default: results with --study, else "
+                                               "runs/compare)")
+    p.add_argument("--results", default=None, help="the report (default: results.md with --study, else "
+                                                   "OUT/results.md)")
     p.add_argument("--report", action="store_true", help="only write results.md from the runs on disk")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: train.py flags for every run, replacing the regime's "
@@ -409,22 +527,31 @@ def main():
     if clash:
         p.error(f"after --: {', '.join(sorted(clash))} is set by compare.py itself; "
                 f"use its own flags (--data, --models, --arms, --seeds, --epochs, --subset, --out)")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
+    if args.results and not os.path.isdir(os.path.dirname(os.path.abspath(args.results))):
         p.error(f"--results {args.results}: its directory does not exist")
-    runs = plan(args)
+    args.out = args.out or ("results" if args.study else os.path.join("runs", "compare"))
+    args.results = args.results or ("results.md" if args.study else os.path.join(args.out, "results.md"))
+    if args.study:  # every study is reported; the chosen ones run, in STUDIES' order
+        plans = [(plan(a), a) for a in (study_args(args, name) for name in STUDIES)]
+        chosen = [(runs, a) for runs, a in plans if args.study in ("all", a.study)]
+    else:
+        plans = chosen = [(plan(args), args)]
     failed = []
-    if not args.report:
+    for runs, run_args in ([] if args.report else chosen):
         # a kill ends like Ctrl-C: the runs in flight are stopped and their time kept
         signal.signal(signal.SIGTERM, interrupt)
         t0 = time.time()
         try:
-            failed = execute(runs, args)
+            failed = execute(runs, run_args)
         except KeyboardInterrupt:
             print("interrupted: run the same command again to continue where it stopped", file=sys.stderr)
             sys.exit(130)
         finally:
-            log_invocation(args, runs, time.time() - t0)
-    report(runs, args)
+            log_invocation(run_args, runs, time.time() - t0)
+        if failed:
+            break
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    report(plans, args.results)
     if failed:
         print(f"error: {len(failed)} run(s) failed, first {name_of(failed[0])}: {last_line(failed[0])} "
               f"(its log: {os.path.join(failed[0]['dir'], 'train.out')}); fix it and run the same command again",

@@ -15,7 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def args_for(tmp_path, **kw):
     base = dict(data="fashion_mnist", models=["vit_mini", "swin_mini"], arms=list(compare.ARMS), seeds=[0, 1, 2],
-                epochs=100, subset=1000, jobs=1, label_images=2000, out=str(tmp_path / "runs"),
+                epochs=100, subset=1000, holdout=0, jobs=1, label_images=2000, out=str(tmp_path / "runs"),
                 results=str(tmp_path / "results.md"), report=True, train_args=compare.REGIME["flags"])
     return argparse.Namespace(**{**base, **kw})
 
@@ -33,7 +33,7 @@ def plant(run, finals, mae_tl=0.10, train_loss=0.5):
 
 def test_plan_is_the_whole_matrix_pilot_first(tmp_path):
     runs = compare.plan(args_for(tmp_path))
-    assert len(runs) == 3 * (6 + 5)  # seeds x (ViT: 6 arms, Swin: no TransMix)
+    assert len(runs) == 3 * (7 + 6)  # seeds x (ViT: 7 arms, Swin: no TransMix)
     assert not any(r["arm"] == "transmix" and r["model"] == "swin_mini" for r in runs)
     assert len({r["dir"] for r in runs}) == len(runs)
     vit_runs = [(r["arm"], r["seed"]) for r in runs if r["model"] == "vit_mini"]
@@ -50,14 +50,23 @@ def test_plan_is_the_whole_matrix_pilot_first(tmp_path):
 
 
 def test_the_regime_is_what_train_py_runs():
-    """The regime's flags reach train.py as intended: CutMix the only augmentation, the calibrated warm-up."""
+    """The regime's flags reach train.py as intended: CutMix the only augmentation, the calibrated warm-up;
+    the calibration study validates on held-out training images."""
     import train
-    run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=3, epochs=100, subset=1000, dir="d")
+    run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=3, epochs=100, subset=1000, holdout=0,
+               dir="d")
     args = train.get_args(compare.train_command(run, compare.REGIME["flags"])[1:])
     assert (args.augment, args.drop_path, args.warmup_epochs, args.eval_every) == (False, 0.0, 5.0, 25)
     assert (args.mix, args.target, args.cutmix_mode, args.subset, args.epochs) == ("cutmix", "tl_align", "grid",
                                                                                   1000, 100)
-    assert (args.smoothing, args.weight_decay, args.batch_size) == (0.1, 0.05, 128)
+    assert (args.smoothing, args.weight_decay, args.batch_size, args.holdout) == (0.1, 0.05, 128, None)
+    study = compare.study_args(argparse.Namespace(out="results"), "calibration")
+    for run in compare.plan(study):
+        args = train.get_args(run["cmd"][1:])
+        assert (args.data, args.holdout, args.subset, args.epochs, args.eval_every, args.augment) == \
+            ("fashion_mnist_small", 10000, 1000, 100, 25, False)
+        assert (args.mix, args.target) == {"none": ("none", "tl_align"), "area": ("cutmix", "area"),
+                                           "oracle": ("cutmix", "oracle")}[run["arm"]] and args.seed in (0, 1, 2)
 
 
 def test_a_run_cut_short_resumes_and_a_finished_one_is_skipped(tmp_path):
@@ -94,14 +103,15 @@ def test_student_t_quantiles_by_closed_forms():
 def test_report_numbers(tmp_path):
     args = args_for(tmp_path, models=["vit_mini"], epochs=2)
     finals = {"none": [40.0, 45.0, 44.0], "area": [50.0, None, 54.0], "area_pixel": [50.0, 51.0, 55.0],
-              "deit": [49.0, 50.0, 53.0], "transmix": [51.0, 52.0, 55.0], "tl_align": [53.0, 54.0, 58.0]}
+              "deit": [49.0, 50.0, 53.0], "transmix": [51.0, 52.0, 55.0], "tl_align": [53.0, 54.0, 58.0],
+              "oracle": [55.0, 56.0, 59.0]}
     runs = compare.plan(args)
     for run in reversed(runs):  # planted out of order: pairing must go by seed, not by position
         final = finals[run["arm"]][run["seed"]]
         if final is not None:  # area's seed 1 never finished
             plant(run, [final + 1, final], mae_tl=0.1 + 0.01 * run["seed"])  # the first epoch is higher
     compare.log_invocation(args, runs, 600.0)
-    compare.report(runs, args)
+    compare.report([(runs, args)], args.results)
     text = open(args.results).read()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
@@ -145,7 +155,7 @@ def test_user_errors_end_in_one_line(tmp_path):
 def test_a_short_run_of_the_regime(tmp_path):
     """The regime's own flags on its data set, two epochs of 256 images (uncompiled: compiling takes a minute)."""
     import train
-    run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=0, epochs=2, subset=256,
+    run = dict(data="fashion_mnist", model="vit_mini", arm="tl_align", seed=0, epochs=2, subset=256, holdout=0,
                dir=str(tmp_path))
     flags = [f for f in compare.REGIME["flags"] if f != "--compile"]
     train.main(compare.train_command(run, flags)[1:])
@@ -153,3 +163,31 @@ def test_a_short_run_of_the_regime(tmp_path):
     assert [r["epoch"] for r in logs] == [0, 1] and compare.finished(run)
     assert logs[0]["val_top1"] is None and 0 < logs[1]["val_top1"] <= 100  # evaluated at the end only
     assert logs[1]["label_mae_tl"] is not None  # Fashion-MNIST has masks: the label errors are measured
+
+
+def test_calibration_report_reads_every_evaluated_epoch_and_says_whether_the_regime_counts(tmp_path):
+    args = compare.study_args(args_for(tmp_path), "calibration")
+    args.epochs, args.seeds = 4, [0, 1, 2]
+    runs = compare.plan(args)
+    assert all("--holdout" in r["cmd"] and "-holdout10000" in r["dir"] for r in runs)
+    top1 = {"none": [10, 20, 30, 40], "area": [12, 24, 33, 45], "oracle": [13, 24, 35, 50]}
+    for run in runs:
+        os.makedirs(run["dir"], exist_ok=True)
+        with open(os.path.join(run["dir"], "log.jsonl"), "w") as f:
+            for epoch in range(4):  # evaluated at epochs 2 and 4; seed s adds s / 2 to each figure
+                top = top1[run["arm"]][epoch] + run["seed"] * (1 + (run["arm"] == "oracle")) / 2 \
+                    if epoch % 2 else None
+                f.write(json.dumps(dict(epoch=epoch, val_top1=top, train_loss=1.0,
+                                        train_target_mae=None if run["arm"] == "none" else 0.2,
+                                        train_ghost_rate=None if run["arm"] == "none" else 0.25)) + "\n")
+        compare.add_wall_time(run, 60.0)
+    lines = compare.calibration_table(runs, args)
+    text = "\n".join(lines)
+    assert "| arm | seeds | epoch 2 | epoch 4 |" in text
+    assert "| none | 3 | 20.50 ± 0.50 | 40.50 ± 0.50 |  |  | 1.0 |" in text  # no CutMix pairs: no target error
+    assert "| area | 3 | 24.50 ± 0.50 | 45.50 ± 0.50 | 0.200 ± 0.000 | 0.250 ± 0.000 | 1.0 |" in text
+    assert "| area − none (3 seeds) | +4.00 ± 0.00 (higher) | +5.00 ± 0.00 (higher) |" in text
+    # oracle − area: 0, 0.5, 1 at epoch 2 (mean 0.5, interval 4.303 * 0.5 / sqrt 3 = 1.24: holds 0); 5, 5.5, 6
+    assert "| oracle − area (3 seeds) | +0.50 ± 1.24 (no difference) | +5.50 ± 1.24 (higher) |" in text
+    assert "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above 0) " \
+           "at epoch 4." in text
