@@ -23,7 +23,7 @@ max_memory_allocated, or on the CPU the growth of the peak resident set (VmHWM) 
 running that mode alone. Saved memory: the bytes autograd keeps for the backward (the activations),
 exact and free of allocator noise.
 
---loader times train.py's ImageNet input pipeline instead (data.load_imagenet's train transforms through a
+--loader times train.py's ImageNet input pipeline instead (imagenet.load_imagenet's train transforms through a
 DataLoader), per number of worker processes: wall-clock images a second, and images per CPU-second of the
 workers, the cost of feeding a GPU in cores. --make-jpegs writes images to time it on when there is no
 ImageNet: what makes them cost what photos cost is at photo_like.
@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import imagenet
 import tl_align as tl
 import vit
 from track import track_labels
@@ -377,10 +378,10 @@ def loader_rate(dataset, workers, batch_size, warmup, batches):
 
 
 def bench_loader(args):
-    """img/s of train.py's ImageNet train pipeline (data.load_imagenet, 224 px) per --workers count."""
-    dataset = data.load_imagenet(args.loader, train=True)
+    """img/s of train.py's ImageNet train pipeline (imagenet.load_imagenet, 224 px) per --workers count."""
+    dataset = imagenet.load_imagenet(args.loader, train=True)
     batch_size = args.batch_size or 32
-    print(f"loader {args.loader}: {len(dataset)} images, data.load_imagenet train transforms, 224 px, batch "
+    print(f"loader {args.loader}: {len(dataset)} images, imagenet.load_imagenet train transforms, 224 px, batch "
           f"{batch_size}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
     print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s} {'img per CPU-s':>13s}")
     for workers in args.workers:

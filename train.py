@@ -34,6 +34,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
+import imagenet
 import tl_align as tl
 import vit
 
@@ -63,7 +64,7 @@ RECIPES = {
     "imagenet":      dict(model="deit_s", epochs=300, batch_size=128, lr=5e-4, lr_batch=512, warmup_epochs=5,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
                           augment=True, sched="epoch", warmup_lr=1e-6, min_lr=1e-5, scale_ends=False,
-                          warmup_prefix=False, repeats=3),  # DeiT's transforms (data.load_imagenet)
+                          warmup_prefix=False, repeats=3),  # DeiT's transforms (imagenet.load_imagenet)
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist_small"] = RECIPES["fashion_mnist"]
 RECIPES["cifar100"] = RECIPES["cifar10"]
@@ -226,8 +227,8 @@ def build_data(args, rank, world, device):
             raise UserError("--data imagenet needs --data-path DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG)")
         # any folders in ImageNet's layout: the size is free, the classes are the folders
         info = dict(info, img_size=args.img_size or info["img_size"])
-        train_set = data.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
-        val_set = data.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
+        train_set = imagenet.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
+        val_set = imagenet.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
         info["num_classes"] = len(train_set.classes)
         if args.subset is not None:
             # validation covers every class: so must training, or those classes can only be got wrong
@@ -235,8 +236,8 @@ def build_data(args, rank, world, device):
                 raise UserError(f"--subset {args.subset} is fewer than the {info['num_classes']} classes of "
                                 f"{args.data_path}/train: every class needs a training image; give at least "
                                 f"{info['num_classes']}")
-            train_set = torch.utils.data.Subset(train_set, data.class_balanced_subset(train_set.targets,
-                                                                                      args.subset, args.seed))
+            train_set = torch.utils.data.Subset(train_set, imagenet.class_balanced_subset(train_set.targets,
+                                                                                          args.subset, args.seed))
         # repeats 1: DistributedSampler(drop_last=False)'s indices
         sampler = data.RepeatedAugSampler(train_set, world, rank, args.repeats, args.seed)
         # workers restart every epoch, seeded from the epoch's RNG, so that a resumed run repeats them
