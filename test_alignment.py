@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import tl_align as tl
+import truth
 import vit
 
 
@@ -485,16 +486,16 @@ def test_cutmix_truth_counts_the_visible_foreground(mode):
     x = torch.arange(B, dtype=torch.float).view(B, 1, 1, 1).expand(B, 3, H, W)  # each image one value
     fg = torch.rand(B, H, W) < 0.3
     fg[1] = False  # an image without an object: its mixes show only their partner's, or nothing (NaN)
-    xm, w, lam, visible = tl.cutmix_truth(x, fg, 4, mode=mode)
+    xm, w, lam, visible = truth.cutmix_truth(x, fg, 4, mode=mode)
     # independently: a pixel of mixed image b comes from image b where it holds b's value
     own = xm[:, 0] == torch.arange(B, dtype=torch.float).view(B, 1, 1)  # (B, H, W)
     shown = torch.where(own, fg, fg.flip(0))
     assert torch.equal(visible, torch.stack([(shown & own).sum((1, 2)), (shown & ~own).sum((1, 2))], 1).float())
     expected = (shown & own).sum((1, 2)).float() / shown.sum((1, 2)).float()
-    assert torch.allclose(tl.true_share(visible), expected, equal_nan=True)
+    assert torch.allclose(truth.true_share(visible), expected, equal_nan=True)
     assert torch.allclose(own.float().mean((1, 2)), torch.full((B,), lam))  # lam is the pixel share
-    all_fg = tl.cutmix_truth(x, torch.ones(B, H, W), 4, mode=mode)
-    assert torch.allclose(tl.true_share(all_fg[3]), torch.full((B,), all_fg[2]))  # all foreground: truth = lam
+    all_fg = truth.cutmix_truth(x, torch.ones(B, H, W), 4, mode=mode)
+    assert torch.allclose(truth.true_share(all_fg[3]), torch.full((B,), all_fg[2]))  # all foreground: truth = lam
 
 
 def test_cutmix_box_has_the_cutmix_size():
@@ -606,14 +607,14 @@ def test_fused_attention_pads_to_kernel_width():
 def test_oracle_target_is_the_visible_share_of_each_object():
     # pixels of each object a mixed image shows: both visible, image 2's hidden, image 1's hidden, none visible
     visible = torch.tensor([[30.0, 10.0], [12.0, 0.0], [0.0, 7.0], [0.0, 0.0]])
-    oracle = tl.oracle_weights(visible, lam=0.7)
+    oracle = truth.oracle_weights(visible, lam=0.7)
     assert torch.allclose(oracle, torch.tensor([[0.75, 0.25], [1.0, 0.0], [0.0, 1.0], [0.7, 0.3]]))
     # and on a real CutMix draw: where some object shows, the oracle's share of image 1 is the true share
     torch.manual_seed(5)
     x, fg = torch.randn(8, 3, 16, 16), torch.rand(8, 16, 16) < 0.2
-    _, _, lam, visible = tl.cutmix_truth(x, fg, 4)
-    truth, oracle = tl.true_share(visible), tl.oracle_weights(visible, lam)
-    assert torch.allclose(oracle[:, 0][truth.isfinite()], truth[truth.isfinite()])
+    _, _, lam, visible = truth.cutmix_truth(x, fg, 4)
+    share, oracle = truth.true_share(visible), truth.oracle_weights(visible, lam)
+    assert torch.allclose(oracle[:, 0][share.isfinite()], share[share.isfinite()])
     assert torch.allclose(oracle.sum(1), torch.ones(8))
 
 
@@ -623,10 +624,10 @@ def test_target_errors_count_ghost_labels_on_a_constructed_batch():
                             [0.0, 7.0],     # image 1's object is hidden: truth 0
                             [0.0, 0.0]])    # no object shows: not counted at all
     area = tl.area_weights(0.6, 4, torch.device("cpu"))  # lam 0.6 for every pair
-    error_sum, shown, ghosts = tl.target_errors(area, visible).tolist()
+    error_sum, shown, ghosts = truth.target_errors(area, visible).tolist()
     assert shown == 3 and ghosts == 2  # rows 2 and 3: 0.4 and 0.6 to an invisible object
     assert error_sum == pytest.approx(0.15 + 0.4 + 0.6)
-    oracle = tl.oracle_weights(visible, 0.6)
-    assert tl.target_errors(oracle, visible).tolist() == [0.0, 3.0, 0.0]  # the truth: no error, no ghost
+    oracle = truth.oracle_weights(visible, 0.6)
+    assert truth.target_errors(oracle, visible).tolist() == [0.0, 3.0, 0.0]  # the truth: no error, no ghost
     almost = torch.tensor([[0.75, 0.25], [0.95, 0.05], [0.1, 0.9], [0.5, 0.5]])  # 0.05 is below 0.1; 0.1 is not
-    assert tl.target_errors(almost, visible).tolist()[2] == 1
+    assert truth.target_errors(almost, visible).tolist()[2] == 1

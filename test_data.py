@@ -218,13 +218,13 @@ def test_synthetic_balance_scale_contrast_and_statistics():
 
 def test_synthetic_objects_are_often_cut_by_cutmix_boxes():
     """The point of the set: most CutMix boxes remove part of image 1's object, so lam is often wrong."""
-    import tl_align as tl
+    import truth
     images, _, masks = make_synthetic(1024)
     torch.manual_seed(0)
     removed = []
     for i in range(0, 1024, 8):
         fg = torch.from_numpy(masks[i:i + 8])
-        _, w, _, _ = tl.cutmix_truth(torch.from_numpy(images[i:i + 8]).float(), fg, 4)
+        _, w, _, _ = truth.cutmix_truth(torch.from_numpy(images[i:i + 8]).float(), fg, 4)
         box = (w[0, :, 1] > 0).view(8, 8).repeat_interleave(4, 0).repeat_interleave(4, 1)  # (32, 32) pixels
         removed.append((fg & box).sum((1, 2)) / fg.sum((1, 2)))
     removed = torch.cat(removed)
@@ -447,6 +447,7 @@ def test_fashion_mnist_small_is_a_regime_where_lam_is_wrong():
     """Small garments on clutter: lam misses the visible share by >= 0.18 on average (0.11 on the
     full-frame garments), and an area target gives many images whose object the box hid a share."""
     import tl_align as tl
+    import truth
     small = load_small('fashion_mnist_small', None, True, subset=4000)
     full = load_small('fashion_mnist', None, True, subset=4000)
     x = small.images.float() / 255
@@ -458,8 +459,8 @@ def test_fashion_mnist_small_is_a_regime_where_lam_is_wrong():
         torch.manual_seed(0)
         sums = torch.zeros(3)
         for i in range(0, len(d), 8):  # one box per 8 pairs, on the patch grid of vit_mini (patch 4)
-            _, _, lam, visible = tl.cutmix_truth(d.images[i:i + 8].float(), d.masks[i:i + 8], 4)
-            sums += tl.target_errors(tl.area_weights(lam, 8, torch.device('cpu')), visible)
+            _, _, lam, visible = truth.cutmix_truth(d.images[i:i + 8].float(), d.masks[i:i + 8], 4)
+            sums += truth.target_errors(tl.area_weights(lam, 8, torch.device('cpu')), visible)
         return sums[0] / sums[1], sums[2] / sums[1]  # lam's MAE, ghost rate
 
     small_mae, small_ghosts = lam_errors(small)

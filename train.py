@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import imagenet
 import tl_align as tl
+import truth
 import vit
 
 # Per data set: the model, schedule and regularisation that make `python train.py --data X` right.
@@ -444,7 +445,7 @@ def evaluate(model, loader, device, autocast):
 def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs_per_box=64):
     """Mean absolute error of each target's share of image 1 against the visible-foreground truth.
 
-    The paper's analysis of how right a target is (tl_align.target_shares), on the same CutMix pairs
+    The paper's analysis of how right a target is (truth.target_shares), on the same CutMix pairs
     of validation images every epoch. Returns {'area': mae, 'tl': mae, 'transmix': mae or None}, or
     None if the data set has no masks.
     """
@@ -454,10 +455,10 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
     info = val_set.info
     x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
     with autocast:
-        shares = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
+        shares = truth.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
                                   args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345,
                                   class_token=isinstance(model, vit.VisionTransformer))
-    return tl.share_errors(shares)
+    return truth.share_errors(shares)
 
 
 # ----------------------------------------------------------------------------- training
@@ -474,11 +475,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
                     patch_size, epoch, log):
     """One pass over the training data; returns (mean loss, images per second, last lr, target errors).
 
-    Target errors, on data with object masks: the summed tl.target_errors of the CutMix batches' targets
+    Target errors, on data with object masks: the summed truth.target_errors of the CutMix batches' targets
     against the shares of the objects they show, a list of 3; None without masks.
     """
     model.train()
-    # summed loss, non-finite losses, then tl.target_errors' three sums: on the device, read when logging
+    # summed loss, non-finite losses, then truth.target_errors' three sums: on the device, read when logging
     sums = torch.zeros(5, device=device)
     seen, last_log, t0 = 0, 0, time.time()
     steps = len(loader)
@@ -493,18 +494,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
                 if fg is None:
                     x, w, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
                 else:  # the same draws and pixels, and what each mixed image shows of each object
-                    x, w, lam, visible = tl.cutmix_truth(x, fg, patch_size, args.cutmix_alpha, args.cutmix_mode)
+                    x, w, lam, visible = truth.cutmix_truth(x, fg, patch_size, args.cutmix_alpha, args.cutmix_mode)
                 if args.target == "tl_align":
                     logits, weights = model(x, w)  # the class token's aligned label (B, 2)
                 elif args.target == "transmix":
                     logits, cls_attn = model(x, return_cls_attn=True)
                     weights = tl.transmix_lambda(cls_attn, w, lam)
                 elif args.target == "oracle":  # an upper reference: the truth, known only where masks exist
-                    logits, weights = model(x), tl.oracle_weights(visible, lam)
+                    logits, weights = model(x), truth.oracle_weights(visible, lam)
                 else:
                     logits, weights = model(x), tl.area_weights(lam, B, device)
                 if fg is not None:
-                    sums[2:] += tl.target_errors(weights, visible)
+                    sums[2:] += truth.target_errors(weights, visible)
             elif mix == "mixup":  # every token has the same label: the area target is exact
                 x, lam = tl.mixup(x, args.mixup_alpha)
                 logits, weights = model(x), tl.area_weights(lam, B, device)
@@ -640,7 +641,7 @@ def run(args):
             error_sum, shown, ghosts = errors or (0, 0, 0)
             # train_target_*: how right the targets this run trained on were (CutMix batches, masked data):
             # mean |share of image 1 - true share| over pairs showing some object, and the share of pairs
-            # with a ghost label (tl.target_errors)
+            # with a ghost label (truth.target_errors)
             record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
                           lr=lr, epoch_time_s=time.time() - t0, img_per_s=rate,
                           label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
