@@ -117,56 +117,6 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, D)
 
 
-def fused_attention(q, k, v, bias, labels, scale: float):
-    """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
-
-    The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
-    next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
-    with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
-    so no gradient flows through them and the gradients of q, k, v are those of plain attention.
-    In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
-    as large as TL-Align's whole correction): there a second call, without gradient, computes them from
-    the same q and k in float32.
-
-    q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
-    labels: (B, N, K) or None. Returns out (B, h, N, d) and mean_h(A_h Y) (B, N, K) float32 or None.
-    """
-    B, h, N, d = q.shape
-    if labels is None:
-        return _sdpa(q, k, v, bias, scale), None
-    K = labels.shape[-1]
-    y = labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
-    if v.dtype in (torch.bfloat16, torch.float16):
-        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            width = -max(d, K) // 8 * -8  # one width for q, k and the labels
-            q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
-            y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
-        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1)
-    width = -(d + K) // 8 * -8
-    out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
-    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
-
-
-def _pad(t, width: int):
-    """Zero columns on the right of the head dimension: (..., d) -> (..., width)."""
-    return F.pad(t, (0, width - t.shape[-1]))
-
-
-def _sdpa(q, k, v, bias, scale: float):
-    """scaled_dot_product_attention with a bias that broadcasts over leading groups of the batch.
-
-    Kernels take a 4-d mask broadcast over the batch: the bias's own batch (Swin's nW windows, the inner
-    factor of B) is folded into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous.
-    q, k: (B, h, N, d'), v: (B, h, N, e), bias: (..., h, N, N) or None. Returns (B, h, N, e).
-    """
-    B, h, N, _ = q.shape
-    if bias is not None:
-        G = bias[..., 0, 0, 0].numel()
-        q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
-        bias = bias.reshape(1, G * h, N, N)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
-
-
 class Attention(nn.Module):
     """Multi-head softmax attention: explicit (it returns its weights) or fused (SDPA, labels ride along)."""
 
@@ -185,12 +135,7 @@ class Attention(nn.Module):
         """
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-        if self.fused:
-            out, labels_attn = fused_attention(q, k, v, bias, labels, self.scale)
-            attn = None
-            if cls_attn:  # only the class token's row, for TransMix: (B, h, 1, N)
-                attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
-        else:
+        if not self.fused:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
             if bias is not None:  # broadcast over leading groups of the batch, e.g. the images of a window batch
                 logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
@@ -198,6 +143,11 @@ class Attention(nn.Module):
             attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             out = attn.to(v.dtype) @ v
             labels_attn = None if labels is None else attend_labels(attn, labels)
+        else:  # the same from torch's kernel, without the (N, N) weights in memory (fused_attention, below)
+            out, labels_attn = fused_attention(q, k, v, bias, labels, self.scale)
+            attn = None
+            if cls_attn:  # only the class token's row, for TransMix: (B, h, 1, N)
+                attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), attn, labels_attn
 
 
@@ -484,6 +434,58 @@ class SwinTransformer(nn.Module):
             x, labels = stage(x, labels)
         logits = self.head(self.norm(x))
         return logits if token_labels is None else (logits, labels.mean(dim=(1, 2)))
+
+
+# ----------------------------------------------------------------------------- fused attention (--fused-attn)
+
+def fused_attention(q, k, v, bias, labels, scale: float):
+    """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
+
+    The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
+    next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
+    with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
+    so no gradient flows through them and the gradients of q, k, v are those of plain attention.
+    In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
+    as large as TL-Align's whole correction): there a second call, without gradient, computes them from
+    the same q and k in float32.
+
+    q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
+    labels: (B, N, K) or None. Returns out (B, h, N, d) and mean_h(A_h Y) (B, N, K) float32 or None.
+    """
+    B, h, N, d = q.shape
+    if labels is None:
+        return _sdpa(q, k, v, bias, scale), None
+    K = labels.shape[-1]
+    y = labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
+    if v.dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            width = -max(d, K) // 8 * -8  # one width for q, k and the labels
+            q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
+            y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
+        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1)
+    width = -(d + K) // 8 * -8
+    out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
+    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
+
+
+def _pad(t, width: int):
+    """Zero columns on the right of the head dimension: (..., d) -> (..., width)."""
+    return F.pad(t, (0, width - t.shape[-1]))
+
+
+def _sdpa(q, k, v, bias, scale: float):
+    """scaled_dot_product_attention with a bias that broadcasts over leading groups of the batch.
+
+    Kernels take a 4-d mask broadcast over the batch: the bias's own batch (Swin's nW windows, the inner
+    factor of B) is folded into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous.
+    q, k: (B, h, N, d'), v: (B, h, N, e), bias: (..., h, N, N) or None. Returns (B, h, N, e).
+    """
+    B, h, N, _ = q.shape
+    if bias is not None:
+        G = bias[..., 0, 0, 0].numel()
+        q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
+        bias = bias.reshape(1, G * h, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
 
 
 # ----------------------------------------------------------------------------- weights of another shape
