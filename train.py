@@ -447,8 +447,7 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
     x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
     with autocast:
         shares = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
-                                  args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345,
-                                  class_token=isinstance(model, vit.VisionTransformer))
+                                  args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345)
     return tl.share_errors(shares)
 
 
@@ -478,9 +477,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
             if mix == "cutmix":
                 x, w, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
                 if args.target == "tl_align":
-                    logits, weights = model(x, w)  # the class token's aligned label (B, 2)
+                    logits, weights, _ = model(x, w)  # the aligned label of what the classifier reads (B, 2)
                 elif args.target == "transmix":
-                    logits, cls_attn = model(x, return_cls_attn=True)
+                    logits, _, cls_attn = model(x, w)  # the labels run too: the attention comes with them
                     weights = tl.transmix_lambda(cls_attn, w, lam)
                 else:
                     logits, weights = model(x), tl.area_weights(lam, B, device)

@@ -1,14 +1,18 @@
-"""Vision Transformers written out: ViT/DeiT and Swin, with attention that returns its weights.
+"""Vision Transformers written out: ViT/DeiT and Swin, with attention that moves token labels.
 
 - ViT/DeiT: Dosovitskiy et al. 2021, Touvron et al. 2021 (class token, learned position embedding).
 - Swin: Liu et al. 2021 (window attention with relative position bias, shifted windows with an
   attention mask, patch merging, global average pooling).
 
 Every attention layer is an explicit softmax and hands its weights to the label path of TL-Align
-(tl_align.attend_labels / align_labels, paper Sec. 3): `model(x, token_labels)` returns the logits
-and the aligned label of what the classifier reads. Without labels `model(x)` is an ordinary
-classifier. `fused_attn=True` swaps in torch's scaled_dot_product_attention, with the labels riding
-along as extra value columns (fused_attention), tested equal to the explicit path.
+(tl_align.attend_labels / align_labels, paper Sec. 3). The contract of both families:
+`model(x)` returns the logits (B, num_classes); `model(x, token_labels)` returns (logits, label,
+cls_attn), label the (B, K) float32 aligned label of what the classifier reads (ViT: the class
+token; Swin: the mean of the final tokens) and cls_attn the last block's class-token attention over
+the N patches, mean over heads, detached, (B, N) float32 (TransMix's input; None for Swin, which has
+no class token). `fused_attn=True` swaps in torch's scaled_dot_product_attention, with the labels
+riding along as extra value columns (fused_attention, after the models), tested equal to the
+explicit path.
 
 Parameter names and shapes are those of timm's deit_{tiny,small,base}_patch16_224 and
 swin_{tiny,small,base}_patch4_window7_224 (timm >= 0.9 layout: Swin's patch merging opens the
@@ -118,7 +122,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head softmax attention: explicit (it returns its weights) or fused (SDPA, labels ride along)."""
+    """Multi-head softmax attention: explicit (the readable default) or fused (SDPA, labels riding along)."""
 
     def __init__(self, dim: int, num_heads: int, fused: bool = False):
         super().__init__()
@@ -129,9 +133,9 @@ class Attention(nn.Module):
     def forward(self, x, bias=None, labels=None, cls_attn=False):
         """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count; labels: (B, N, K).
 
-        Returns out (B, N, C); attn, the softmax weights (B, h, N, N) on the explicit path, and on the
-        fused path the class token's row (B, h, 1, N) if cls_attn, else None; labels_attn =
-        mean_h(A) Y (B, N, K) float32, or None without labels.
+        Returns (out, labels_attn, cls_attn) on both paths: out (B, N, C); labels_attn = mean_h(A) Y
+        (B, N, K) float32, None without labels; cls_attn = A[:, :, 0], the first token's weights over
+        all N tokens (B, h, N), at least float32, detached, computed only if cls_attn=True (else None).
         """
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
@@ -143,12 +147,10 @@ class Attention(nn.Module):
             attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             out = attn.to(v.dtype) @ v
             labels_attn = None if labels is None else attend_labels(attn, labels)
+            cls_attn = attn[:, :, 0].detach() if cls_attn else None  # (B, h, N)
         else:  # the same from torch's kernel, without the (N, N) weights in memory (fused_attention, below)
-            out, labels_attn = fused_attention(q, k, v, bias, labels, self.scale)
-            attn = None
-            if cls_attn:  # only the class token's row, for TransMix: (B, h, 1, N)
-                attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), attn, labels_attn
+            out, labels_attn, cls_attn = fused_attention(q, k, v, bias, labels, self.scale, cls_attn)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), labels_attn, cls_attn
 
 
 def check_token_labels(token_labels, B: int, N: int):
@@ -184,14 +186,14 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x, labels=None, cls_attn=False):
-        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, attn (see Attention.forward)."""
-        a, attn, labels_attn = self.attn(self.norm1(x), labels=labels, cls_attn=cls_attn)
+        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, cls_attn (see Attention.forward)."""
+        a, labels_attn, cls_attn = self.attn(self.norm1(x), labels=labels, cls_attn=cls_attn)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if labels is not None:
             # the whole block's label update; DropPath is ignored here, as in the official code
             labels = align_labels(labels, labels_attn)
-        return x, labels, attn
+        return x, labels, cls_attn
 
 
 class VisionTransformer(nn.Module):
@@ -212,12 +214,12 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)  # timm 0.3.2's, which DeiT and TL-Align ran (later: 1e-6)
 
-    def forward(self, x, token_labels=None, return_cls_attn=False):
+    def forward(self, x, token_labels=None):
         """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
 
-        Returns logits (B, num_classes); with token_labels also the aligned label (B, K) float32 of
-        the class token; with return_cls_attn also the last block's class-token attention to the
-        patches, mean over heads, detached (B, N) (for TransMix).
+        Returns logits (B, num_classes); with token_labels (logits, label, cls_attn): label (B, K)
+        float32, the class token's aligned label, and cls_attn (B, N) float32, the last block's
+        class-token attention over the N patches, mean over heads, detached (TransMix's input).
         """
         x = self.patch_embed(x).flatten(1, 2)  # (B, N, D)
         B = x.shape[0]
@@ -229,14 +231,12 @@ class VisionTransformer(nn.Module):
             # the class token starts at y~ = the mean of the patch labels (paper Eq. (1))
             labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
         for i, blk in enumerate(self.blocks):
-            x, labels, attn = blk(x, labels, cls_attn=return_cls_attn and i == len(self.blocks) - 1)
+            x, labels, cls_attn = blk(x, labels, cls_attn=labels is not None and i == len(self.blocks) - 1)
         logits = self.head(self.norm(x[:, 0]))
-        out = (logits,)
-        if token_labels is not None:
-            out += (labels[:, 0],)
-        if return_cls_attn:
-            out += (attn[:, :, 0, 1:].detach().mean(dim=1),)
-        return out[0] if len(out) == 1 else out
+        if token_labels is None:
+            return logits
+        # TransMix weighs the patches by the class token's attention to them (not to itself)
+        return logits, labels[:, 0], cls_attn[:, :, 1:].mean(dim=1).float()
 
 
 # ----------------------------------------------------------------------------- Swin
@@ -325,7 +325,7 @@ class SwinBlock(nn.Module):
         B, H, W, C = x.shape
         # window attention is block-diagonal: each window's labels move with its own attention
         windowed_labels = None if labels is None else self.partition(labels)
-        a, _, labels_attn = self.attn(self.partition(self.norm1(x)), self.attn_mask, windowed_labels)
+        a, labels_attn, _ = self.attn(self.partition(self.norm1(x)), self.attn_mask, windowed_labels)
         x = x + self.drop_path(self.reverse(a, H, W))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         if labels is not None:
@@ -423,8 +423,9 @@ class SwinTransformer(nn.Module):
     def forward(self, x, token_labels=None):
         """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
 
-        Returns logits (B, num_classes), and with token_labels the aligned label (B, K) float32:
-        the mean of the final tokens' labels, since the classifier reads the mean of their features.
+        Returns logits (B, num_classes); with token_labels (logits, label, None): label (B, K) float32,
+        the mean of the final tokens' labels, since the classifier reads the mean of their features;
+        None in the place of ViT's class-token attention, as Swin has no class token.
         """
         x = self.patch_embed(x)  # (B, H, W, C)
         B, H, W, _ = x.shape
@@ -433,12 +434,12 @@ class SwinTransformer(nn.Module):
         for stage in self.layers:
             x, labels = stage(x, labels)
         logits = self.head(self.norm(x))
-        return logits if token_labels is None else (logits, labels.mean(dim=(1, 2)))
+        return logits if token_labels is None else (logits, labels.mean(dim=(1, 2)), None)
 
 
 # ----------------------------------------------------------------------------- fused attention (--fused-attn)
 
-def fused_attention(q, k, v, bias, labels, scale: float):
+def fused_attention(q, k, v, bias, labels, scale: float, cls_attn: bool = False):
     """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
 
     The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
@@ -447,14 +448,17 @@ def fused_attention(q, k, v, bias, labels, scale: float):
     so no gradient flows through them and the gradients of q, k, v are those of plain attention.
     In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
     as large as TL-Align's whole correction): there a second call, without gradient, computes them from
-    the same q and k in float32.
+    the same q and k in float32. The first token's row of A, which the kernel does not return, is
+    computed on its own if cls_attn.
 
     q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
-    labels: (B, N, K) or None. Returns out (B, h, N, d) and mean_h(A_h Y) (B, N, K) float32 or None.
+    labels: (B, N, K) or None. Returns what Attention.forward's explicit path computes: out (B, h, N, d),
+    mean_h(A_h Y) (B, N, K) float32 or None, and A[:, :, 0] (B, h, N) if cls_attn, else None.
     """
     B, h, N, d = q.shape
+    row = first_row(q, k, bias, scale) if cls_attn else None
     if labels is None:
-        return _sdpa(q, k, v, bias, scale), None
+        return _sdpa(q, k, v, bias, scale), None, row
     K = labels.shape[-1]
     y = labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
     if v.dtype in (torch.bfloat16, torch.float16):
@@ -462,10 +466,23 @@ def fused_attention(q, k, v, bias, labels, scale: float):
             width = -max(d, K) // 8 * -8  # one width for q, k and the labels
             q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
             y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
-        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1)
+        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1), row
     width = -(d + K) // 8 * -8
     out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
-    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
+    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1), row
+
+
+@torch.no_grad()
+def first_row(q, k, bias, scale: float):
+    """The first token's attention weights alone, as the explicit path computes them (at least float32).
+
+    q, k: (B, h, N, d); bias: (..., h, N, N) or None. Returns (B, h, N), detached.
+    """
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, h, 1, N)
+    if bias is not None:  # the bias's first rows, broadcast over leading groups of the batch
+        row_bias = bias[..., :1, :]  # (..., h, 1, N)
+        logits = (logits.view(-1, *row_bias.shape) + row_bias).view(logits.shape)
+    return logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))[:, :, 0]
 
 
 def _pad(t, width: int):
