@@ -13,7 +13,8 @@ Modes, each a full training step (CutMix, forward, soft-target loss, backward, A
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
   tl_k2     TL-Align tracking K = 2 source weights per token (this repository)
   tl_kC     TL-Align pushing full C-class token labels, (B, N, C) per layer (the official formulation)
-  transmix  TransMix's target from the last class-token attention (class-token models only)
+  transmix  TransMix's target from the last class-token attention, read from model(x, token_labels)
+            as train.py does (the label path runs too; class-token models only)
   track     TL-Align's K = 2 labels carried beside the model by track.track_labels' hooks (ViTs; the
             only TL-Align mode of a timm model, --timm, which runs plain and track)
 Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike.
@@ -89,16 +90,16 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
             if mode == "plain":
                 logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
             elif mode == "tl_k2":
-                logits, weights = model(xm, w)
+                logits, weights, _ = model(xm, w)
             elif mode == "track":
                 with track_labels(model, w) as t:
                     logits = model(xm)
                 weights = t.label
             elif mode == "tl_kC":  # token labels over the C classes, as the official code carries them
                 tokens = torch.einsum("bnk,bkc->bnc", w, F.one_hot(sources, num_classes).float())
-                logits, label = model(xm, tokens)
+                logits, label, _ = model(xm, tokens)
             else:
-                logits, cls_attn = model(xm, return_cls_attn=True)
+                logits, _, cls_attn = model(xm, w)
                 weights = tl.transmix_lambda(cls_attn, w, lam)
             if mode == "tl_kC":
                 target = label * (1 - smoothing) + smoothing / num_classes

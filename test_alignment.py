@@ -51,11 +51,29 @@ def random_token_labels(B: int, N: int, K: int, seed: int = 0) -> torch.Tensor:
 
 
 def capture_attention(model):
-    """Forward hooks that record every attention layer's weights, in call order."""
+    """Forward hooks that record every attention layer's weights (B, h, N, N), in call order.
+
+    The layers return no (N, N) map, so each hook recomputes it from the layer's input as the explicit
+    path does: softmax(q k^T * scale + bias), Swin's bias its relative-position table plus the shift mask.
+    """
     maps, handles = [], []
+
+    def record(m, args, kwargs, out):
+        x = args[0]
+        B, N, C = x.shape
+        q, k, _ = m.qkv(x).reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        logits = (q * m.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+        if isinstance(m, vit.WindowAttention):
+            bias = m.relative_position_bias_table[m.relative_position_index].permute(2, 0, 1)  # (h, N, N)
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            if mask is not None:
+                bias = bias + mask[:, None]  # (nW, h, N, N): window w of image b is batch entry nW * b + w
+            logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
+        maps.append(logits.softmax(dim=-1, dtype=torch.float32).detach())
+
     for mod in model.modules():
         if isinstance(mod, vit.Attention):
-            handles.append(mod.register_forward_hook(lambda m, i, out: maps.append(out[1].detach())))
+            handles.append(mod.register_forward_hook(record, with_kwargs=True))
     return maps, handles
 
 
@@ -76,8 +94,8 @@ def test_two_sources_equal_full_class_labels(family, mode):
     onehot = F.one_hot(sources, C).float()  # (B, 2, C)
     class_tokens = torch.einsum("bnk,bkc->bnc", w, onehot)  # (B, N, C): the official code's token labels
     with torch.no_grad():
-        _, label_k2 = model(xm, w)
-        _, label_kc = model(xm, class_tokens)
+        _, label_k2, _ = model(xm, w)
+        _, label_kc, _ = model(xm, class_tokens)
     target_k2 = tl.class_target(label_k2, sources, C)
     assert label_kc.shape == (5, C)
     assert (target_k2 - label_kc).abs().max() < 1e-6
@@ -94,7 +112,7 @@ def test_vit_label_equals_official_loop():
     w = random_token_labels(4, model.num_patches, 3)
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        _, label = model(x, w)
+        _, label, _ = model(x, w)
     for h in handles:
         h.remove()
     assert len(maps) == len(model.blocks)
@@ -132,7 +150,7 @@ def test_swin_label_equals_dense_block_diagonal_loop():
     w = random_token_labels(B, model.num_patches, K)
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        _, label = model(x, w)
+        _, label, _ = model(x, w)
     for h in handles:
         h.remove()
     Y = w.double()  # (B, R*R, K)
@@ -169,7 +187,7 @@ def test_labels_stay_on_the_simplex(family):
     model = tiny(family).eval()
     w = random_token_labels(3, model.num_patches, 5)
     with torch.no_grad():
-        _, label = model(torch.randn(3, 3, 32, 32), w)
+        _, label, _ = model(torch.randn(3, 3, 32, 32), w)
     assert label.dtype == torch.float32 and label.min() >= 0
     assert (label.sum(-1) - 1).abs().max() < 1e-6
 
@@ -182,7 +200,7 @@ def test_constant_label_map_is_unchanged(family):
     x, _ = tl.mixup(torch.randn(3, 3, 32, 32), lam=0.3)
     w = torch.tensor([0.3, 0.7]).expand(3, model.num_patches, 2)
     with torch.no_grad():
-        _, label = model(x, w)
+        _, label, _ = model(x, w)
     assert (label - torch.tensor([0.3, 0.7])).abs().max() < 1e-6
 
 
@@ -221,12 +239,13 @@ def test_vit_transmix_attention_is_last_class_token_row():
     model = tiny("vit").eval()
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        _, cls_attn = model(torch.randn(2, 3, 32, 32), return_cls_attn=True)
+        _, _, cls_attn = model(torch.randn(2, 3, 32, 32), random_token_labels(2, model.num_patches, 2))
     for h in handles:
         h.remove()
+    assert cls_attn.shape == (2, model.num_patches) and cls_attn.dtype == torch.float32
     assert torch.equal(cls_attn, maps[-1][:, :, 0, 1:].mean(1))
-    with pytest.raises(TypeError):
-        tiny("swin")(torch.randn(1, 3, 32, 32), return_cls_attn=True)  # TransMix needs a class token
+    swin = tiny("swin")
+    assert swin(torch.randn(1, 3, 32, 32), random_token_labels(1, swin.num_patches, 2))[2] is None  # no class token
 
 
 # 5. Labels never change the network -----------------------------------------------------------------
@@ -240,7 +259,7 @@ def test_labels_do_not_change_logits_or_gradients(family):
     def run(with_labels):
         model.zero_grad()
         torch.manual_seed(7)
-        out = model(x, w) if with_labels else (model(x), None)
+        out = model(x, w)[:2] if with_labels else (model(x), None)
         out[0].square().sum().backward()
         return out[0].detach(), [p.grad.clone() for p in model.parameters()], out[1]
 
@@ -348,12 +367,12 @@ def test_labels_targets_and_loss_are_float32_under_autocast(family, fused, dtype
     xm, w, _ = tl.cutmix(torch.randn(6, 3, 32, 32), patch_size(model), mode="pixel")
     sources = torch.stack([torch.arange(6), torch.arange(6).flip(0)], 1) % 7
     with torch.no_grad():
-        _, exact = copy.deepcopy(model).double()(xm.double(), w.double())
+        _, exact, _ = copy.deepcopy(model).double()(xm.double(), w.double())
     errors = {}
     for path in sorted({False, fused}):
         m = fused_twin(model) if path else model
         with torch.autocast("cpu", dtype=dtype):
-            logits, label = m(xm, w)
+            logits, label, _ = m(xm, w)
             target = tl.class_target(label, sources, 7, smoothing=0.1)
             loss = tl.soft_cross_entropy(logits, target)
         assert logits.dtype == dtype
@@ -443,16 +462,22 @@ def test_vit_forward_equals_functional_reference():
         assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_window_attention_equals_sdpa_with_bias():
+@pytest.mark.parametrize("fused", [False, True])
+def test_window_attention_equals_sdpa_with_bias(fused):
+    """Both paths keep one contract: the output, the attended labels and the first token's weights."""
     torch.manual_seed(12)
-    attn = vit.Attention(32, 4)
+    attn = vit.Attention(32, 4, fused=fused)
     x, bias = torch.randn(6, 16, 32), torch.randn(3, 4, 16, 16)  # 2 images x 3 windows
-    out, weights, _ = attn(x, bias)
+    labels = random_token_labels(6, 16, 3)
+    out, labels_attn, cls_attn = attn(x, bias, labels, cls_attn=True)
     q, k, v = attn.qkv(x).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
     full_bias = bias.repeat(2, 1, 1, 1)  # (6, 4, 16, 16): window w of image b is batch entry 3b + w
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias).transpose(1, 2).flatten(2)
+    weights = ((q @ k.transpose(-1, -2)) / 8 ** 0.5 + full_bias).softmax(-1)  # (6, 4, 16, 16)
     assert torch.allclose(out, attn.proj(ref), atol=1e-5)
-    assert torch.allclose(weights, ((q @ k.transpose(-1, -2)) / 8 ** 0.5 + full_bias).softmax(-1), atol=1e-6)
+    assert torch.allclose(labels_attn, weights.mean(1) @ labels, atol=1e-6)
+    assert torch.allclose(cls_attn, weights[:, :, 0], atol=1e-6) and not cls_attn.requires_grad
+    assert attn(x, bias)[1:] == (None, None)  # neither without being asked
 
 
 def test_relative_position_index_by_hand():
@@ -518,7 +543,7 @@ def test_models_run_in_other_dtypes(family, dtype):
     model = tiny(family).to(dtype)
     xm, w, _ = tl.cutmix(torch.randn(2, 3, 32, 32, dtype=dtype), patch_size(model))
     with torch.no_grad():
-        logits, label = model(xm, w)
+        logits, label, _ = model(xm, w)
     assert logits.dtype == dtype and label.dtype == torch.float32
     assert (label.sum(-1) - 1).abs().max() < 1e-5
 
@@ -573,8 +598,9 @@ def test_fused_transmix_attention_equals_explicit():
     model = tiny("vit").eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        _, a = model(x, return_cls_attn=True)
-        _, b = fused_twin(model)(x, return_cls_attn=True)
+        w = random_token_labels(3, model.num_patches, 2)
+        _, _, a = model(x, w)
+        _, _, b = fused_twin(model)(x, w)
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -585,8 +611,8 @@ def test_fused_equals_explicit_under_bf16_autocast(family):
     model = tiny(family).eval()
     xm, w, _ = tl.cutmix(torch.randn(4, 3, 32, 32), patch_size(model), mode="pixel")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        la, ya = model(xm, w)
-        lb, yb = fused_twin(model)(xm, w)
+        la, ya, _ = model(xm, w)
+        lb, yb, _ = fused_twin(model)(xm, w)
     assert yb.dtype == torch.float32
     assert (la.float() - lb.float()).abs().max() < 5e-2
     assert (ya - yb).abs().max() < 5e-3 and (yb.sum(-1) - 1).abs().max() < 5e-3
@@ -598,10 +624,11 @@ def test_fused_attention_pads_to_kernel_width():
     q, k, v = torch.randn(3, 2, 4, 5, 6).unbind(0)  # (B=2, h=4, N=5, d=6)
     for K in (1, 2, 3, 10):
         labels = torch.rand(2, 5, K).softmax(-1)
-        out, labels_attn = vit.fused_attention(q, k, v, None, labels, scale=0.5)
+        out, labels_attn, cls_attn = vit.fused_attention(q, k, v, None, labels, scale=0.5, cls_attn=True)
         A = (q @ k.transpose(-1, -2) * 0.5).softmax(-1)
         assert torch.allclose(out, A @ v, atol=1e-5)
         assert torch.allclose(labels_attn, tl.attend_labels(A, labels), atol=1e-6)
+        assert torch.allclose(cls_attn, A[:, :, 0], atol=1e-6)
 
 
 def test_oracle_target_is_the_visible_share_of_each_object():

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import checkpoint
 import data
 import train
 import vit
@@ -53,17 +54,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     common = ["--epochs", "2", *SMALL, "--drop-path", "0.1", "--mix", "both"]
     train.main(common + ["--output-dir", str(tmp_path / "straight")])
 
-    save = train.save_atomic
+    save = checkpoint.save_atomic
 
     def save_then_die(obj, path):  # killed right after the first epoch's checkpoint is written
         save(obj, path)
         if path.endswith("checkpoint.pt"):
             raise Killed
 
-    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
     with pytest.raises(Killed):
         train.main(common + ["--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save_atomic", save)
+    monkeypatch.setattr(checkpoint, "save_atomic", save)
     assert weights(tmp_path / "resumed" / "checkpoint.pt").keys()
     with open(tmp_path / "resumed" / "log.jsonl", "a") as f:  # as if killed after logging epoch 1
         f.write(json.dumps({"epoch": 1, "train_loss": -1.0}) + "\n")
@@ -77,7 +78,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.save_atomic({"model": {"w": torch.ones(3)}}, path)
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}}, path)
 
     def torn_save(obj, f):  # half a file, then the process dies
         with open(f, "wb") as fh:
@@ -86,8 +87,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(Killed):
-        train.save_atomic({"model": {"w": torch.zeros(3)}}, path)
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):

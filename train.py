@@ -15,8 +15,8 @@ The target of a CutMix batch is chosen by --target (paper Sec. 3): `tl_align`, t
 label; `area`, CutMix's lam (paper Eq. (1)); `transmix`, TransMix's attention lam. Mixup batches always
 use the area target, which is exact for them (tl_align.mixup).
 
---finetune starts a new run from weights in any of the usual files (load_checkpoint), adapted to the
-model's image size, windows, channels and classes (vit.adapt_state_dict).
+--finetune starts a new run from weights in any of the usual files, adapted to the model's image size,
+windows, channels and classes (checkpoint.py, which also writes and reads the run's own checkpoints).
 """
 import argparse
 import inspect
@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import data
 import imagenet
 import tl_align as tl
@@ -344,61 +345,16 @@ def schedule(args, steps_per_epoch):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """{'model': state dict, ...} from a file, loaded without running code from it.
-
-    Reads train.py's checkpoint.pt / best.pt, DeiT's and the official TL-Align's .pth ({'model': state
-    dict}; their training checkpoints add 'optimizer', 'epoch' and 'args', an argparse.Namespace made a
-    dict here), a bare state dict (timm's .pth / .bin) and .safetensors (needs the safetensors package).
-    """
-    if not os.path.isfile(path):
-        what = "is a directory" if os.path.isdir(path) else "not found"
-        raise UserError(f"checkpoint {path} {what}; give the path of a checkpoint file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserError(f"{path}: reading .safetensors files needs the safetensors package "
-                            f"(pip install safetensors)") from None
-    try:
-        if path.endswith(".safetensors"):
-            ckpt = load_file(path)
-        else:  # weights_only: tensors and plain containers, plus the Namespace of DeiT's checkpoints
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not a "
-                        f"checkpoint: use another file") from None
-    if isinstance(ckpt, dict) and "model" not in ckpt:
-        ckpt = {"model": ckpt}  # a bare state dict
-    weights = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserError(f"checkpoint {path} holds no model weights: neither a state dict nor a dict with one "
-                        f"under 'model'")
-    if isinstance(ckpt.get("args"), argparse.Namespace):
-        ckpt["args"] = vars(ckpt["args"])
-    return ckpt
-
-
 def finetune_from(model, args, log):
-    """Load the --finetune weights into a new model, adapted to it (vit.adapt_state_dict), strictly.
+    """Load the --finetune weights into a new model, adapted to it (checkpoint.load_adapted), strictly.
 
     The classifier is re-initialised if the class count differs, except with --eval, where it must fit.
     """
     try:
-        state, notes = vit.adapt_state_dict(load_checkpoint(args.finetune)["model"], model,
-                                            reset_head=not args.eval)
+        notes = checkpoint.load_adapted(model, args.finetune, reset_head=not args.eval)
     except ValueError as e:
         raise UserError(f"--finetune {args.finetune} does not fit --model {args.model} on --data {args.data}: "
                         f"{e}") from None
-    model.load_state_dict(state, strict=True)  # nothing is skipped: every parameter fits, or we stopped above
     for note in notes:
         log(f"finetune: {note}")
 
@@ -456,8 +412,7 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
     x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
     with autocast:
         shares = truth.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
-                                  args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345,
-                                  class_token=isinstance(model, vit.VisionTransformer))
+                                     args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345)
     return truth.share_errors(shares)
 
 
@@ -496,9 +451,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
                 else:  # the same draws and pixels, and what each mixed image shows of each object
                     x, w, lam, visible = truth.cutmix_truth(x, fg, patch_size, args.cutmix_alpha, args.cutmix_mode)
                 if args.target == "tl_align":
-                    logits, weights = model(x, w)  # the class token's aligned label (B, 2)
+                    logits, weights, _ = model(x, w)  # the aligned label of what the classifier reads (B, 2)
                 elif args.target == "transmix":
-                    logits, cls_attn = model(x, return_cls_attn=True)
+                    logits, _, cls_attn = model(x, w)  # the labels run too: the attention comes with them
                     weights = tl.transmix_lambda(cls_attn, w, lam)
                 elif args.target == "oracle":  # an upper reference: the truth, known only where masks exist
                     logits, weights = model(x), truth.oracle_weights(visible, lam)
@@ -582,7 +537,7 @@ def run(args):
 
     start_epoch, best = 0, 0.0
     if args.resume:
-        ckpt = load_checkpoint(args.resume)
+        ckpt = checkpoint.load_checkpoint(args.resume)
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError:
@@ -651,11 +606,11 @@ def run(args):
             with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")
             if top1 == best:  # before checkpoint.pt, whose best_top1 must describe a best.pt on disk
-                save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
+                checkpoint.save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
                             os.path.join(args.output_dir, "best.pt"))
             ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), epoch=epoch, best_top1=best, args=saved_args)
-            save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
+            checkpoint.save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
             val = "" if top1 is None else f" val top-1 {top1:.2f}% top-5 {top5:.2f}%"
             maes = "" if mae is None else " label MAE " + " ".join(
                 f"{k} {v:.4f}" for k, v in mae.items() if v is not None)
@@ -670,7 +625,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, checkpoint.CheckpointError) as e:
         where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
         sys.exit(2)

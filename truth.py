@@ -74,13 +74,13 @@ def target_errors(weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
-                  mode: str = "grid", pairs_per_box: int = 8, seed: int = 0, class_token: bool = True):
+                  mode: str = "grid", pairs_per_box: int = 8, seed: int = 0):
     """How right each target is: over CutMix pairs of `images`, the true share of image 1 (see
     `cutmix_truth`) and the share each target gives it.
 
     Consecutive groups of pairs_per_box images are mixed with one box each (drawn from `seed`, the
-    caller's RNG untouched). model(x, token_weights) must return (logits, label), and with
-    return_cls_attn=True also the class-token attention if class_token (then TransMix is measured).
+    caller's RNG untouched). model(x, token_labels) must return (logits, label, cls_attn) as vit.py's
+    models do; TransMix is measured where cls_attn is not None (class-token models).
     images: (n, C, H, W) normalized, foreground: (n, H, W). Returns {'truth', 'area', 'tl', 'transmix'
     (None without a class token)}: (m,) float32 tensors on the CPU, the pairs with no visible object
     dropped.
@@ -92,14 +92,14 @@ def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_s
         for start in range(0, len(images) - pairs_per_box + 1, pairs_per_box):
             x, fg = images[start:start + pairs_per_box], foreground[start:start + pairs_per_box]
             xm, w, lam, visible = cutmix_truth(x, fg, patch_size, alpha, mode)
-            truth = true_share(visible)
-            keep = truth.isfinite()
-            result = model(xm.to(device), w.to(device), **({"return_cls_attn": True} if class_token else {}))
-            out["truth"].append(truth[keep])
+            share = true_share(visible)
+            keep = share.isfinite()
+            _, label, cls_attn = model(xm.to(device), w.to(device))
+            out["truth"].append(share[keep])
             out["area"].append(torch.full((int(keep.sum()),), lam))
-            out["tl"].append(result[1][:, 0].float().cpu()[keep])
-            if class_token:
-                out["transmix"].append(transmix_lambda(result[2].float().cpu(), w, lam)[:, 0][keep])
+            out["tl"].append(label[:, 0].float().cpu()[keep])
+            if cls_attn is not None:
+                out["transmix"].append(transmix_lambda(cls_attn.float().cpu(), w, lam)[:, 0][keep])
     return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
 

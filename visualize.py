@@ -85,8 +85,7 @@ def shares(model, val_set, num_images, alpha=1.0, mode="grid", seed=0):
     """truth.target_shares on the first num_images validation images (one box per 8 pairs)."""
     info = val_set.info
     x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
-    s = truth.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size, alpha, mode, seed=seed,
-                         class_token=isinstance(model, vit.VisionTransformer))
+    s = truth.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size, alpha, mode, seed=seed)
     return {k: v for k, v in s.items() if v is not None}
 
 
