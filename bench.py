@@ -88,7 +88,7 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
         saving = torch.autograd.graph.saved_tensors_hooks(record, lambda t: t) if record else nullcontext()
         with autocast, saving:
             if mode == "plain":
-                logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
+                logits, weights = model(xm), tl.area_label(lam, batch_size, device)
             elif mode == "tl_k2":
                 logits, weights, _ = model(xm, w)
             elif mode == "track":
@@ -100,7 +100,7 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
                 logits, label, _ = model(xm, tokens)
             else:
                 logits, _, cls_attn = model(xm, w)
-                weights = tl.transmix_lambda(cls_attn, w, lam)
+                weights = tl.transmix_label(cls_attn, w, lam)
             if mode == "tl_kC":
                 target = label * (1 - smoothing) + smoothing / num_classes
             else:

@@ -221,7 +221,7 @@ def test_transmix_lambda_by_hand():
     cls_attn = torch.tensor([[0.1, 0.15, 0.25]])  # unnormalised: renormalised to .2 .3 .5
     w = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
     # lam_attn = .2*1 + .3*0 + .5*.5 = .45; TransMix uses (lam_area + lam_attn) / 2 = (.6 + .45) / 2
-    out = tl.transmix_lambda(cls_attn, w, lam=0.6)
+    out = tl.transmix_label(cls_attn, w, lam=0.6)
     assert torch.allclose(out, torch.tensor([[0.525, 0.475]]))
 
 
@@ -634,13 +634,13 @@ def test_fused_attention_pads_to_kernel_width():
 def test_oracle_target_is_the_visible_share_of_each_object():
     # pixels of each object a mixed image shows: both visible, image 2's hidden, image 1's hidden, none visible
     visible = torch.tensor([[30.0, 10.0], [12.0, 0.0], [0.0, 7.0], [0.0, 0.0]])
-    oracle = truth.oracle_weights(visible, lam=0.7)
+    oracle = truth.oracle_label(visible, lam=0.7)
     assert torch.allclose(oracle, torch.tensor([[0.75, 0.25], [1.0, 0.0], [0.0, 1.0], [0.7, 0.3]]))
     # and on a real CutMix draw: where some object shows, the oracle's share of image 1 is the true share
     torch.manual_seed(5)
     x, fg = torch.randn(8, 3, 16, 16), torch.rand(8, 16, 16) < 0.2
     _, _, lam, visible = truth.cutmix_truth(x, fg, 4)
-    share, oracle = truth.true_share(visible), truth.oracle_weights(visible, lam)
+    share, oracle = truth.true_share(visible), truth.oracle_label(visible, lam)
     assert torch.allclose(oracle[:, 0][share.isfinite()], share[share.isfinite()])
     assert torch.allclose(oracle.sum(1), torch.ones(8))
 
@@ -650,11 +650,11 @@ def test_target_errors_count_ghost_labels_on_a_constructed_batch():
                             [12.0, 0.0],    # image 2's object is hidden: truth 1
                             [0.0, 7.0],     # image 1's object is hidden: truth 0
                             [0.0, 0.0]])    # no object shows: not counted at all
-    area = tl.area_weights(0.6, 4, torch.device("cpu"))  # lam 0.6 for every pair
+    area = tl.area_label(0.6, 4, torch.device("cpu"))  # lam 0.6 for every pair
     error_sum, shown, ghosts = truth.target_errors(area, visible).tolist()
     assert shown == 3 and ghosts == 2  # rows 2 and 3: 0.4 and 0.6 to an invisible object
     assert error_sum == pytest.approx(0.15 + 0.4 + 0.6)
-    oracle = truth.oracle_weights(visible, 0.6)
+    oracle = truth.oracle_label(visible, 0.6)
     assert truth.target_errors(oracle, visible).tolist() == [0.0, 3.0, 0.0]  # the truth: no error, no ghost
     almost = torch.tensor([[0.75, 0.25], [0.95, 0.05], [0.1, 0.9], [0.5, 0.5]])  # 0.05 is below 0.1; 0.1 is not
     assert truth.target_errors(almost, visible).tolist()[2] == 1

@@ -460,7 +460,7 @@ def test_fashion_mnist_small_is_a_regime_where_lam_is_wrong():
         sums = torch.zeros(3)
         for i in range(0, len(d), 8):  # one box per 8 pairs, on the patch grid of vit_mini (patch 4)
             _, _, lam, visible = truth.cutmix_truth(d.images[i:i + 8].float(), d.masks[i:i + 8], 4)
-            sums += truth.target_errors(tl.area_weights(lam, 8, torch.device('cpu')), visible)
+            sums += truth.target_errors(tl.area_label(lam, 8, torch.device('cpu')), visible)
         return sums[0] / sums[1], sums[2] / sums[1]  # lam's MAE, ghost rate
 
     small_mae, small_ghosts = lam_errors(small)

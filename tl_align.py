@@ -3,8 +3,9 @@
 Follows Xiao et al., "Token-Label Alignment for Vision Transformers", ICCV 2023 (arXiv:2210.06455).
 The paper's method in four steps, each a function here:
 
-1. `cutmix`: paper Eq. (1), X~ = M*X1 + (1-M)*X2, y~ = lam*y1 + (1-lam)*y2, and the label of every
-   patch token: which share of its pixels comes from which image.
+1. `cutmix`: paper Eq. (1), X~ = M*X1 + (1-M)*X2, and the label of every patch token: which share of
+   its pixels comes from which image (`mixup` beside it). `area_label`: Eq. (1)'s y~ = lam*y1 + (1-lam)*y2,
+   the target TL-Align corrects.
 2. `attend_labels` + `align_labels`: one attention layer moves the token labels with the same
    (head-averaged, detached) attention that moves the features, followed by the residual average:
    Y <- (Y + mean_h(A) Y) / 2 (paper Sec. 3, Fig. 2; the weight 1/2 is the official code's).
@@ -13,12 +14,13 @@ The paper's method in four steps, each a function here:
 4. `class_target` + `soft_cross_entropy`: the aligned label over images becomes a class distribution,
    and the loss is the soft-target cross-entropy.
 
-Labels are tracked as weights over the K mixed *sources* (K = 2 for a CutMix pair), not over the C
+Labels are tracked as shares of the K mixed *sources* (K = 2 for a CutMix pair), not over the C
 classes as the official code does: the label path is linear, so the two are exactly equal (tested in
 test_alignment.py), and (B, N, 2) costs nothing next to the (B, N, 1000) the official code carries.
 
-Also here: `mixup` (every token carries the same label, so alignment is the identity and the area
-target is exact) and `transmix_lambda`, the target of TransMix (Chen et al., CVPR 2022), a baseline.
+Names: token_labels (B, N, K) are the tokens' labels over the sources; a label (B, K) is one image's.
+Under `mixup` every token carries the same label, so alignment is the identity and the area label is
+exact. Last, `transmix_label`: the target of TransMix (Chen et al., CVPR 2022), a baseline.
 How right each target is, measured against the objects a mixed image shows, is truth.py.
 Facts of the official code (github.com/Euphoria16/TL-Align) are noted where we match or fix them;
 no code was copied. This file needs only torch.
@@ -51,18 +53,18 @@ def _rand_box(H: int, W: int, lam: float) -> tuple[int, int, int, int]:
 
 def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "grid",
            lam: float | None = None):
-    """CutMix a batch with its flipped self, and give every patch token its source weights.
+    """CutMix a batch with its flipped self, and give every patch token its label over the two sources.
 
     Paper Eq. (1): X~ = M*X1 + (1-M)*X2 with X1 = x, X2 = x.flip(0); M is 1 outside the box.
     mode 'grid': the box is drawn on the patch grid, whole patches are swapped (the official code).
     mode 'pixel': the box is drawn on pixels (timm's CutMix); a patch that straddles the box edge
     gets its pixel shares as a soft token label.
     In both modes lam is recomputed from the clipped box, so it is exactly the pixel share of x
-    and equals the mean of the token weights.
+    and equals the mean of the token labels.
 
     x: (B, C, H, W), H and W multiples of patch_size; it is not modified (the box is pasted into a
     copy). `lam` given skips the Beta draw.
-    Returns x_mixed (B, C, H, W), token_weights (B, N, 2) float32 with N = (H/p)*(W/p) in row-major
+    Returns x_mixed (B, C, H, W), token_labels (B, N, 2) float32 with N = (H/p)*(W/p) in row-major
     order of the patch grid ([..., 0] = share of x, [..., 1] = share of x.flip(0)), and lam (float).
     """
     B, C, H, W = x.shape
@@ -85,8 +87,8 @@ def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "gr
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
 
     share = F.avg_pool2d(mask[None, None], p).flatten()  # (N,) pixel share of x in each patch
-    token_weights = torch.stack([share, 1 - share], dim=-1).expand(B, -1, -1)  # (B, N, 2)
-    return x_mixed, token_weights, lam
+    token_labels = torch.stack([share, 1 - share], dim=-1).expand(B, -1, -1)  # (B, N, 2)
+    return x_mixed, token_labels, lam
 
 
 def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
@@ -98,6 +100,18 @@ def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
     """
     lam = _sample_lambda(alpha) if lam is None else lam
     return x.mul(lam).add_(x.flip(0), alpha=1 - lam), lam
+
+
+def area_label(lam: float, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The area label of a CutMix / Mixup pair, paper Eq. (1): y~ = lam*y1 + (1-lam)*y2, as (B, 2) float32
+    shares of the two sources: the baseline TL-Align corrects.
+
+    Built by fill kernels on the device: torch.tensor([lam, ...], device='cuda') would be a blocking
+    host-to-device copy every step.
+    """
+    label = torch.full((batch_size, 2), 1.0 - lam, device=device)
+    label[:, 0] = lam
+    return label
 
 
 def attend_labels(attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -125,49 +139,19 @@ def align_labels(labels: torch.Tensor, labels_attn: torch.Tensor) -> torch.Tenso
     return 0.5 * (labels + labels_attn)
 
 
-def transmix_lambda(cls_attn: torch.Tensor, token_weights: torch.Tensor, lam: float) -> torch.Tensor:
-    """TransMix's label weight of image 1 (Chen et al., CVPR 2022), a baseline for class-token models.
-
-    a = the class token's attention to the N patch tokens in the last block (mean over heads, before
-    dropout, detached), renormalised over the patches; lam_attn = sum_i a_i * w_i1, the attention mass
-    on image 1. TransMix's code trains with lam = (lam_area + lam_attn) / 2. With soft edge tokens
-    (CutMix mode 'pixel') w_i1 is the pixel share; TransMix's own code rounds every token to 0 or 1.
-
-    cls_attn: (B, N) or (B, h, N); token_weights: (B, N, 2). Returns (B, 2) weights over the sources.
-    """
-    a = cls_attn.detach().float()
-    if a.dim() == 3:
-        a = a.mean(dim=1)  # (B, N)
-    a = a / a.sum(dim=-1, keepdim=True)
-    lam_attn = (a * token_weights[..., 0]).sum(dim=-1)  # (B,)
-    lam_mix = 0.5 * (lam + lam_attn)
-    return torch.stack([lam_mix, 1 - lam_mix], dim=-1)
-
-
-def area_weights(lam: float, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The plain CutMix / Mixup label (paper Eq. (1): y~ = lam*y1 + (1-lam)*y2) as (B, 2) float32 weights.
-
-    Built by fill kernels on the device: torch.tensor([lam, ...], device='cuda') would be a blocking
-    host-to-device copy every step.
-    """
-    weights = torch.full((batch_size, 2), 1.0 - lam, device=device)
-    weights[:, 0] = lam
-    return weights
-
-
-def class_target(weights: torch.Tensor, source_labels: torch.Tensor, num_classes: int,
+def class_target(label: torch.Tensor, source_labels: torch.Tensor, num_classes: int,
                  smoothing: float = 0.0) -> torch.Tensor:
-    """Soft class target t = sum_k w_k * smooth(onehot(y_k)).
+    """Soft class target t = sum_k label_k * smooth(onehot(y_k)): a label over sources made a class distribution.
 
     Label smoothing is applied once, to the one-hot source labels: smooth(e) = (1-eps) e + eps / C.
-    weights: (B, K) over sources (rows sum to 1); source_labels: (B, K) class indices, e.g.
+    label: (B, K) shares of the sources (rows sum to 1); source_labels: (B, K) class indices, e.g.
     torch.stack([y, y.flip(0)], 1) for a CutMix pair. Returns (B, num_classes) float32.
     """
     onehot = F.one_hot(source_labels, num_classes).float()  # (B, K, C)
     onehot = onehot * (1.0 - smoothing) + smoothing / num_classes
     # a broadcast product and a sum, not einsum: autocast would run einsum as a bf16 / fp16 bmm, whose
     # rounding (~2e-3) is as large as TL-Align's whole correction |label - lam|
-    return (weights.float()[:, :, None] * onehot).sum(dim=1)  # (B, C) float32 under any autocast
+    return (label.float()[:, :, None] * onehot).sum(dim=1)  # (B, C) float32 under any autocast
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -176,3 +160,22 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     logits, target: (B, C). Returns a scalar; the log-softmax is taken in float32.
     """
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def transmix_label(cls_attn: torch.Tensor, token_labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """TransMix's label (Chen et al., CVPR 2022), a baseline for class-token models.
+
+    a = the class token's attention to the N patch tokens in the last block (mean over heads, before
+    dropout, detached), renormalised over the patches; lam_attn = sum_i a_i * w_i1, the attention mass
+    on image 1. TransMix's code trains with lam = (lam_area + lam_attn) / 2. With soft edge tokens
+    (CutMix mode 'pixel') w_i1 is the pixel share; TransMix's own code rounds every token to 0 or 1.
+
+    cls_attn: (B, N) or (B, h, N); token_labels: (B, N, 2). Returns the label (B, 2): shares of the sources.
+    """
+    a = cls_attn.detach().float()
+    if a.dim() == 3:
+        a = a.mean(dim=1)  # (B, N)
+    a = a / a.sum(dim=-1, keepdim=True)
+    lam_attn = (a * token_labels[..., 0]).sum(dim=-1)  # (B,)
+    lam_mix = 0.5 * (lam + lam_attn)
+    return torch.stack([lam_mix, 1 - lam_mix], dim=-1)

@@ -6,7 +6,7 @@ masks exist that share is known exactly, and every target can be held against it
 
   cutmix_truth      tl_align.cutmix, and the object pixels of each source the mixed image shows
   true_share        the visible share of image 1 (NaN where no object shows)
-  oracle_weights    the oracle target: the visible shares themselves, an upper reference for any target
+  oracle_label      the oracle target: the visible shares themselves, an upper reference for any target
   target_errors     a batch's mean error and ghost labels, as sums kept on the device (train.py logs them)
   target_shares     a model's area, TL-Align and TransMix shares on CutMix pairs of images, and the truth
   share_errors      each target's mean absolute error against the truth
@@ -16,7 +16,7 @@ object the mixed image shows. Needs only torch and tl_align.py.
 """
 import torch
 
-from tl_align import area_weights, cutmix, transmix_lambda
+from tl_align import area_label, cutmix, transmix_label
 
 
 def cutmix_truth(x: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
@@ -29,17 +29,17 @@ def cutmix_truth(x: torch.Tensor, foreground: torch.Tensor, patch_size: int, alp
     follows the very pixels the model sees.
 
     x: (B, C, H, W); foreground: (B, H, W), 1 on the object; alpha, mode, lam as for `cutmix`. Returns
-    x_mixed, token_weights, lam as `cutmix` does, and visible (B, 2) float: the object pixels of image 1
+    x_mixed, token_labels, lam as `cutmix` does, and visible (B, 2) float: the object pixels of image 1
     (x) and of image 2 (x.flip(0)) in each mixed image. The true share of image 1 is
     visible[:, 0] / visible.sum(1) (`true_share`).
     """
     B = x.shape[0]
     fg = foreground[:, None].to(x.dtype)  # (B, 1, H, W)
     source = torch.arange(B, dtype=x.dtype, device=x.device).view(B, 1, 1, 1).expand_as(fg)
-    mixed, token_weights, lam = cutmix(torch.cat([x, fg, source], 1), patch_size, alpha, mode, lam)
+    mixed, token_labels, lam = cutmix(torch.cat([x, fg, source], 1), patch_size, alpha, mode, lam)
     fg_mixed, from_1 = mixed[:, -2], mixed[:, -1] == source[:, 0]  # (B, H, W) each
     visible = torch.stack([(fg_mixed * from_1).sum((1, 2)), (fg_mixed * ~from_1).sum((1, 2))], dim=1)  # (B, 2)
-    return mixed[:, :-2], token_weights, lam, visible
+    return mixed[:, :-2], token_labels, lam, visible
 
 
 def true_share(visible: torch.Tensor) -> torch.Tensor:
@@ -47,28 +47,28 @@ def true_share(visible: torch.Tensor) -> torch.Tensor:
     return visible[:, 0] / visible.sum(dim=1)  # 0 / 0 = NaN
 
 
-def oracle_weights(visible: torch.Tensor, lam: float) -> torch.Tensor:
+def oracle_label(visible: torch.Tensor, lam: float) -> torch.Tensor:
     """The oracle target, an upper reference and not a method: each source's share of the object pixels
     the mixed image shows, lam where it shows none. It needs the object masks, which training data lack;
     with them it is the best any target (area, TransMix, TL-Align) can do. visible: (B, 2). Returns (B, 2)."""
     total = visible.sum(dim=1, keepdim=True)  # (B, 1)
-    return torch.where(total > 0, visible / total.clamp_min(1), area_weights(lam, len(visible), visible.device))
+    return torch.where(total > 0, visible / total.clamp_min(1), area_label(lam, len(visible), visible.device))
 
 
 GHOST_WEIGHT = 0.1  # a target that gives at least this to an image none of whose object is visible: a ghost label
 
 
-def target_errors(weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+def target_errors(label: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """How wrong a batch's targets are, as sums to accumulate on the device (no host read).
 
-    weights: (B, 2) the target's share of each source; visible: (B, 2) from `cutmix_truth`. Counted over
+    label: (B, 2) the target's share of each source; visible: (B, 2) from `cutmix_truth`. Counted over
     the pairs that show some object (where none shows, no target can be right or wrong). Returns (3,)
-    float32: the summed |weights[:, 0] - true share|, the number of those pairs, and the number with a
+    float32: the summed |label[:, 0] - true share|, the number of those pairs, and the number with a
     ghost label: a source none of whose object is visible gets at least GHOST_WEIGHT of the target.
     """
     shown = visible.sum(dim=1) > 0  # (B,)
-    error = torch.where(shown, (weights[:, 0].float() - true_share(visible)).abs(), 0.0)  # 0 / 0 dropped
-    ghost = shown & ((visible == 0) & (weights.float() >= GHOST_WEIGHT)).any(dim=1)  # (B,)
+    error = torch.where(shown, (label[:, 0].float() - true_share(visible)).abs(), 0.0)  # 0 / 0 dropped
+    ghost = shown & ((visible == 0) & (label.float() >= GHOST_WEIGHT)).any(dim=1)  # (B,)
     return torch.stack([error.sum(), shown.sum().float(), ghost.sum().float()])
 
 
@@ -91,15 +91,15 @@ def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_s
         torch.manual_seed(seed)
         for start in range(0, len(images) - pairs_per_box + 1, pairs_per_box):
             x, fg = images[start:start + pairs_per_box], foreground[start:start + pairs_per_box]
-            xm, w, lam, visible = cutmix_truth(x, fg, patch_size, alpha, mode)
+            xm, token_labels, lam, visible = cutmix_truth(x, fg, patch_size, alpha, mode)
             share = true_share(visible)
             keep = share.isfinite()
-            _, label, cls_attn = model(xm.to(device), w.to(device))
+            _, label, cls_attn = model(xm.to(device), token_labels.to(device))
             out["truth"].append(share[keep])
             out["area"].append(torch.full((int(keep.sum()),), lam))
             out["tl"].append(label[:, 0].float().cpu()[keep])
             if cls_attn is not None:
-                out["transmix"].append(transmix_lambda(cls_attn.float().cpu(), w, lam)[:, 0][keep])
+                out["transmix"].append(transmix_label(cls_attn.float().cpu(), token_labels, lam)[:, 0][keep])
     return {k: (torch.cat(v) if v else None) for k, v in out.items()}
 
 

@@ -54,7 +54,7 @@ def blocks_of(model):
     return list(model.blocks) if isinstance(model, vit.VisionTransformer) else [b for s in model.layers for b in s.blocks]
 
 
-def trace_labels(model, x, token_weights):
+def trace_labels(model, x, token_labels):
     """The token labels after every block: a list over blocks of the share of image 1 per token on the
     token grid (B, h, w), and the classifier's share of image 1 per block (B, L + 1), input included."""
     grids, heads = [], []
@@ -72,11 +72,11 @@ def trace_labels(model, x, token_weights):
     hooks = [b.register_forward_hook(keep) for b in blocks_of(model)]
     try:
         with torch.no_grad():
-            model(x, token_weights)
+            model(x, token_labels)
     finally:
         for h in hooks:
             h.remove()
-    first = token_weights[..., 0]
+    first = token_labels[..., 0]
     side = int(first.shape[1] ** 0.5)
     return [first.reshape(-1, side, side)] + grids, torch.stack([first.mean(1)] + heads, dim=1)
 
