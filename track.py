@@ -22,7 +22,7 @@ Anything else raises ValueError rather than give a wrong label: Swin and other w
 (vit.py's Swin carries labels itself), rope or relative-position attention, attention masks, patch
 dropout, a label grid that does not match the tokens, a pooling whose label is not a token mean.
 As in vit.py, the labels follow the attention before its dropout, and DropPath is ignored on the label
-path (both as the official TL-Align code does).
+path (the official code's choices: github.com/Euphoria16/TL-Align).
 
 Facts read off the timm and transformers sources (module names, token order, SDPA's default scale);
 no code was copied.
