@@ -99,3 +99,55 @@ def test_no_file_points_outside_the_repository():
             text = path.read_bytes().decode("utf-8", errors="ignore")
             hits += [f"{path.relative_to(HERE)}: {word}" for word in banned if word in text]
     assert not hits, f"files that point at notes outside the repository: {hits}"
+
+
+def code_blocks(text):
+    """The ```python blocks of a markdown text, in order."""
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_the_training_step_is_the_code_train_py_runs():
+    import ast
+    import inspect
+
+    import train
+    source = inspect.getsource(train.train_step).splitlines()
+    doc = ast.parse("\n".join(source)).body[0].body[0]  # the docstring, which the README leaves out
+    lines = README.splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.strip() == "## The training step")
+    shown = code_blocks("\n".join(lines[heading:]))[0].rstrip("\n").splitlines()
+    assert shown == source[:doc.lineno - 1] + source[doc.end_lineno:], \
+        "README's training step differs from train.train_step: paste the function again (without its docstring)"
+
+
+def copy_paste_cases():
+    """(heading, files, snippet) of each use the README names: its files in the heading, its python blocks."""
+    section = README.split("## Using TL-Align in your own loop", 1)[1].split("\n## ", 1)[0]
+    cases = []
+    for part in section.split("\n### ")[1:]:
+        heading = part.splitlines()[0]
+        files = re.findall(r"`(\w+\.py)`", heading)
+        for i, snippet in enumerate(code_blocks(part)):
+            cases.append((f"{heading.split(':')[0]} #{i + 1}", files, snippet))
+    return cases
+
+
+def test_the_readme_names_files_for_each_use():
+    names = {tuple(files) for _, files, _ in copy_paste_cases()}
+    assert names == {("tl_align.py",), ("vit.py", "tl_align.py"), ("tl_align.py", "track.py")}, names
+
+
+@pytest.mark.parametrize("case", copy_paste_cases(), ids=lambda c: c[0])
+def test_each_snippet_runs_with_only_its_files_copied(tmp_path, case):
+    """Copied as the README says, into an empty folder, each snippet runs: no other file of this repository
+    is needed (a file that helps with other libraries' models needs only tl_align.py)."""
+    import shutil
+    import sys
+    _, files, snippet = case
+    for name in files:
+        shutil.copy(HERE / name, tmp_path / name)
+    (tmp_path / "snippet.py").write_text(snippet)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**env, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
