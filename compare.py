@@ -419,7 +419,8 @@ def calibration_table(runs, args):
             continue
         diffs = {e: [a["top1"][e] - b["top1"][e] for a, b in pairs] for e in epochs}
         counts &= {e for e in epochs if len(pairs) > 1 and verdict(diffs[e]).endswith("(higher)")}
-        lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs) + " |")
+        lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs)
+                     + " |")
     lines += ["", "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above "
               f"0) at epoch {', '.join(map(str, sorted(counts)))}." if counts else
               "**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or the oracle "
@@ -522,7 +523,8 @@ def main():
     args = p.parse_args()
     args.train_args = [a for a in args.train_args if a != "--"] or REGIME["flags"]
     if args.jobs < 1 or args.epochs < 1 or args.subset < 0 or args.holdout < 0 or args.label_images < 8:
-        p.error("--jobs and --epochs must be at least 1, --subset and --holdout at least 0, --label-images at least 8")
+        p.error("--jobs and --epochs must be at least 1, --subset and --holdout at least 0, --label-images at "
+                "least 8")
     clash = OWN_FLAGS & {a.split("=")[0] for a in args.train_args}
     if clash:
         p.error(f"after --: {', '.join(sorted(clash))} is set by compare.py itself; "

@@ -217,7 +217,7 @@ def test_align_labels_by_hand():
     assert torch.allclose(tl.align_labels(Y, tl.attend_labels(attn, Y)), expected)
 
 
-def test_transmix_lambda_by_hand():
+def test_transmix_label_by_hand():
     cls_attn = torch.tensor([[0.1, 0.15, 0.25]])  # unnormalised: renormalised to .2 .3 .5
     w = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
     # lam_attn = .2*1 + .3*0 + .5*.5 = .45; TransMix uses (lam_area + lam_attn) / 2 = (.6 + .45) / 2
@@ -306,7 +306,7 @@ def test_patch_merging_labels_and_channel_order():
 
 @pytest.mark.parametrize("mode", ["grid", "pixel"])
 @pytest.mark.parametrize("B", [1, 4, 5])
-def test_cutmix_pixels_and_token_weights(mode, B):
+def test_cutmix_pixels_and_token_labels(mode, B):
     torch.manual_seed(8)
     p, H = 4, 32
     x = torch.randn(B, 3, H, H) + 10 * torch.arange(B).view(B, 1, 1, 1)  # images far apart

@@ -114,7 +114,7 @@ def area_label(lam: float, batch_size: int, device: torch.device) -> torch.Tenso
     return label
 
 
-def attend_labels(attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def attend_labels(attn: torch.Tensor, token_labels: torch.Tensor) -> torch.Tensor:
     """Labels follow the values through one attention layer: Y_attn = mean_h(A) Y.
 
     Paper Sec. 3, Fig. 2: A is the attention averaged over heads (softmax weights, before dropout),
@@ -122,21 +122,21 @@ def attend_labels(attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     autocast (the official code runs it in fp16). The fused path (vit.fused_attention) gets the same
     Y_attn from the attention kernel itself, with the labels riding along as extra value columns.
 
-    attn: (B, h, N, N) softmax weights, labels: (B, N, K) float32. Returns (B, N, K) float32.
+    attn: (B, h, N, N) softmax weights, token_labels: (B, N, K) float32. Returns (B, N, K) float32.
     """
-    with torch.autocast(device_type=labels.device.type, enabled=False):
+    with torch.autocast(device_type=token_labels.device.type, enabled=False):
         A = attn.detach().mean(dim=1, dtype=torch.float32)  # (B, N, N), no larger than one head's map
-        return A @ labels
+        return A @ token_labels
 
 
-def align_labels(labels: torch.Tensor, labels_attn: torch.Tensor) -> torch.Tensor:
+def align_labels(token_labels: torch.Tensor, labels_attn: torch.Tensor) -> torch.Tensor:
     """The residual connection around attention, on labels: Y <- (Y + Y_attn) / 2.
 
     The fixed weight 1/2 is the official code's (paper Sec. 3). LayerNorm, the MLP and the output
     projection act on each token alone and leave labels unchanged, so with `attend_labels` this is a
     whole transformer block. labels, labels_attn: (B, N, K). Returns (B, N, K).
     """
-    return 0.5 * (labels + labels_attn)
+    return 0.5 * (token_labels + labels_attn)
 
 
 def class_target(label: torch.Tensor, source_labels: torch.Tensor, num_classes: int,

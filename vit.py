@@ -125,8 +125,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, bias=None, labels=None, cls_attn=False):
-        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count; labels: (B, N, K).
+    def forward(self, x, bias=None, token_labels=None, cls_attn=False):
+        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count;
+        token_labels: (B, N, K).
 
         Returns (out, labels_attn, cls_attn) on both paths: out (B, N, C); labels_attn = mean_h(A) Y
         (B, N, K) float32, None without labels; cls_attn = A[:, :, 0], the first token's weights over
@@ -141,10 +142,10 @@ class Attention(nn.Module):
             # at least fp32 under autocast (as CUDA autocast does): the label path reads these weights
             attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             out = attn.to(v.dtype) @ v
-            labels_attn = None if labels is None else attend_labels(attn, labels)
+            labels_attn = None if token_labels is None else attend_labels(attn, token_labels)
             cls_attn = attn[:, :, 0].detach() if cls_attn else None  # (B, h, N)
         else:  # the same from torch's kernel, without the (N, N) weights in memory (fused_attention, below)
-            out, labels_attn, cls_attn = fused_attention(q, k, v, bias, labels, self.scale, cls_attn)
+            out, labels_attn, cls_attn = fused_attention(q, k, v, bias, token_labels, self.scale, cls_attn)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), labels_attn, cls_attn
 
 
@@ -180,15 +181,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, labels=None, cls_attn=False):
-        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, cls_attn (see Attention.forward)."""
-        a, labels_attn, cls_attn = self.attn(self.norm1(x), labels=labels, cls_attn=cls_attn)
+    def forward(self, x, token_labels=None, cls_attn=False):
+        """x: (B, N, C), token_labels: (B, N, K) or None. Returns x, token_labels, cls_attn (Attention.forward)."""
+        a, labels_attn, cls_attn = self.attn(self.norm1(x), token_labels=token_labels, cls_attn=cls_attn)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if labels is not None:
+        if token_labels is not None:
             # the whole block's label update; DropPath is ignored here, as in the official code
-            labels = align_labels(labels, labels_attn)
-        return x, labels, cls_attn
+            token_labels = align_labels(token_labels, labels_attn)
+        return x, token_labels, cls_attn
 
 
 class VisionTransformer(nn.Module):
@@ -220,18 +221,18 @@ class VisionTransformer(nn.Module):
         B = x.shape[0]
         check_token_labels(token_labels, B, self.num_patches)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
-        labels = None
         if token_labels is not None:
             y = token_labels.float()
             # the class token starts at y~ = the mean of the patch labels (paper Eq. (1))
-            labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
+            token_labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x, labels, cls_attn = blk(x, labels, cls_attn=labels is not None and i == len(self.blocks) - 1)
+            x, token_labels, cls_attn = blk(x, token_labels, cls_attn=token_labels is not None and i == last)
         logits = self.head(self.norm(x[:, 0]))
         if token_labels is None:
             return logits
         # TransMix weighs the patches by the class token's attention to them (not to itself)
-        return logits, labels[:, 0], cls_attn[:, :, 1:].mean(dim=1).float()
+        return logits, token_labels[:, 0], cls_attn[:, :, 1:].mean(dim=1).float()
 
 
 # ----------------------------------------------------------------------------- Swin
@@ -277,12 +278,12 @@ class WindowAttention(Attention):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(ws), persistent=False)
 
-    def forward(self, x, mask=None, labels=None):
-        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None; labels: (B*nW, ws*ws, K) or None."""
+    def forward(self, x, mask=None, token_labels=None):
+        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None; token_labels: (B*nW, ws*ws, K) or None."""
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, n, n)
         if mask is not None:
             bias = bias + mask[:, None]  # (nW, h, n, n), broadcast over the images of the batch
-        return super().forward(x, bias, labels)
+        return super().forward(x, bias, token_labels)
 
 
 class SwinBlock(nn.Module):
@@ -315,26 +316,26 @@ class SwinBlock(nn.Module):
             t = torch.roll(t, shifts=(self.shift, self.shift), dims=(1, 2))
         return t
 
-    def forward(self, x, labels=None):
-        """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x, labels."""
+    def forward(self, x, token_labels=None):
+        """x: (B, H, W, C), token_labels: (B, H, W, K) or None. Returns x, token_labels."""
         B, H, W, C = x.shape
         # window attention is block-diagonal: each window's labels move with its own attention
-        windowed_labels = None if labels is None else self.partition(labels)
+        windowed_labels = None if token_labels is None else self.partition(token_labels)
         a, labels_attn, _ = self.attn(self.partition(self.norm1(x)), self.attn_mask, windowed_labels)
         x = x + self.drop_path(self.reverse(a, H, W))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if labels is not None:
-            labels = align_labels(labels, self.reverse(labels_attn, H, W))
-        return x, labels
+        if token_labels is not None:
+            token_labels = align_labels(token_labels, self.reverse(labels_attn, H, W))
+        return x, token_labels
 
 
-def merge_labels(labels: torch.Tensor) -> torch.Tensor:
+def merge_labels(token_labels: torch.Tensor) -> torch.Tensor:
     """Patch merging joins a 2x2 neighbourhood into one token: its label is their mean.
 
     (B, H, W, K) -> (B, H/2, W/2, K).
     """
-    B, H, W, K = labels.shape
-    return labels.view(B, H // 2, 2, W // 2, 2, K).mean(dim=(2, 4))
+    B, H, W, K = token_labels.shape
+    return token_labels.view(B, H // 2, 2, W // 2, 2, K).mean(dim=(2, 4))
 
 
 class PatchMerging(nn.Module):
@@ -345,13 +346,13 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
-    def forward(self, x, labels=None):
-        """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x (B, H/2, W/2, 2C), labels."""
+    def forward(self, x, token_labels=None):
+        """x: (B, H, W, C), token_labels: (B, H, W, K) or None. Returns x (B, H/2, W/2, 2C), token_labels."""
         B, H, W, C = x.shape
         # channel order x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], as the checkpoints expect
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         x = self.reduction(self.norm(x))
-        return x, (merge_labels(labels) if labels is not None else None)
+        return x, (merge_labels(token_labels) if token_labels is not None else None)
 
 
 class SwinStage(nn.Module):
@@ -366,12 +367,12 @@ class SwinStage(nn.Module):
                       fused_attn=fused_attn)
             for i in range(depth))
 
-    def forward(self, x, labels=None):
+    def forward(self, x, token_labels=None):
         if self.downsample is not None:
-            x, labels = self.downsample(x, labels)
+            x, token_labels = self.downsample(x, token_labels)
         for blk in self.blocks:
-            x, labels = blk(x, labels)
-        return x, labels
+            x, token_labels = blk(x, token_labels)
+        return x, token_labels
 
 
 class PoolHead(nn.Module):
@@ -425,16 +426,16 @@ class SwinTransformer(nn.Module):
         x = self.patch_embed(x)  # (B, H, W, C)
         B, H, W, _ = x.shape
         check_token_labels(token_labels, B, self.num_patches)
-        labels = None if token_labels is None else token_labels.float().view(B, H, W, -1)
+        token_labels = None if token_labels is None else token_labels.float().view(B, H, W, -1)
         for stage in self.layers:
-            x, labels = stage(x, labels)
+            x, token_labels = stage(x, token_labels)
         logits = self.head(self.norm(x))
-        return logits if token_labels is None else (logits, labels.mean(dim=(1, 2)), None)
+        return logits if token_labels is None else (logits, token_labels.mean(dim=(1, 2)), None)
 
 
 # ----------------------------------------------------------------------------- fused attention (--fused-attn)
 
-def fused_attention(q, k, v, bias, labels, scale: float, cls_attn: bool = False):
+def fused_attention(q, k, v, bias, token_labels, scale: float, cls_attn: bool = False):
     """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
 
     The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
@@ -447,15 +448,15 @@ def fused_attention(q, k, v, bias, labels, scale: float, cls_attn: bool = False)
     computed on its own if cls_attn.
 
     q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
-    labels: (B, N, K) or None. Returns what Attention.forward's explicit path computes: out (B, h, N, d),
+    token_labels: (B, N, K) or None. Returns what Attention.forward's explicit path computes: out (B, h, N, d),
     mean_h(A_h Y) (B, N, K) float32 or None, and A[:, :, 0] (B, h, N) if cls_attn, else None.
     """
     B, h, N, d = q.shape
     row = first_row(q, k, bias, scale) if cls_attn else None
-    if labels is None:
+    if token_labels is None:
         return _sdpa(q, k, v, bias, scale), None, row
-    K = labels.shape[-1]
-    y = labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
+    K = token_labels.shape[-1]
+    y = token_labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
     if v.dtype in (torch.bfloat16, torch.float16):
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
             width = -max(d, K) // 8 * -8  # one width for q, k and the labels
