@@ -13,7 +13,8 @@ Modes, each a full training step (CutMix, forward, soft-target loss, backward, A
   plain     CutMix with the area target: no labels in the model (the reference, ratio 1.00)
   tl_k2     TL-Align tracking K = 2 source weights per token (this repository)
   tl_kC     TL-Align pushing full C-class token labels, (B, N, C) per layer (the official formulation)
-  transmix  TransMix's target from the last class-token attention (class-token models only)
+  transmix  TransMix's target from the last class-token attention, read from model(x, token_labels)
+            as train.py does (the label path runs too; class-token models only)
   track     TL-Align's K = 2 labels carried beside the model by track.track_labels' hooks (ViTs; the
             only TL-Align mode of a timm model, --timm, which runs plain and track)
 Modes are interleaved (plain, tl_k2, ... then again) so that drifts of the machine hit them alike.
@@ -23,7 +24,7 @@ max_memory_allocated, or on the CPU the growth of the peak resident set (VmHWM) 
 running that mode alone. Saved memory: the bytes autograd keeps for the backward (the activations),
 exact and free of allocator noise.
 
---loader times train.py's ImageNet input pipeline instead (data.load_imagenet's train transforms through a
+--loader times train.py's ImageNet input pipeline instead (imagenet.load_imagenet's train transforms through a
 DataLoader), per number of worker processes: wall-clock images a second, and images per CPU-second of the
 workers, the cost of feeding a GPU in cores. --make-jpegs writes images to time it on when there is no
 ImageNet: what makes them cost what photos cost is at photo_like.
@@ -44,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import imagenet
 import tl_align as tl
 import vit
 from track import track_labels
@@ -86,19 +88,19 @@ def make_step(model, optimizer, mode, batch_size, device, autocast, num_classes,
         saving = torch.autograd.graph.saved_tensors_hooks(record, lambda t: t) if record else nullcontext()
         with autocast, saving:
             if mode == "plain":
-                logits, weights = model(xm), tl.area_weights(lam, batch_size, device)
+                logits, weights = model(xm), tl.area_label(lam, batch_size, device)
             elif mode == "tl_k2":
-                logits, weights = model(xm, w)
+                logits, weights, _ = model(xm, w)
             elif mode == "track":
                 with track_labels(model, w) as t:
                     logits = model(xm)
                 weights = t.label
             elif mode == "tl_kC":  # token labels over the C classes, as the official code carries them
                 tokens = torch.einsum("bnk,bkc->bnc", w, F.one_hot(sources, num_classes).float())
-                logits, label = model(xm, tokens)
+                logits, label, _ = model(xm, tokens)
             else:
-                logits, cls_attn = model(xm, return_cls_attn=True)
-                weights = tl.transmix_lambda(cls_attn, w, lam)
+                logits, _, cls_attn = model(xm, w)
+                weights = tl.transmix_label(cls_attn, w, lam)
             if mode == "tl_kC":
                 target = label * (1 - smoothing) + smoothing / num_classes
             else:
@@ -377,10 +379,10 @@ def loader_rate(dataset, workers, batch_size, warmup, batches):
 
 
 def bench_loader(args):
-    """img/s of train.py's ImageNet train pipeline (data.load_imagenet, 224 px) per --workers count."""
-    dataset = data.load_imagenet(args.loader, train=True)
+    """img/s of train.py's ImageNet train pipeline (imagenet.load_imagenet, 224 px) per --workers count."""
+    dataset = imagenet.load_imagenet(args.loader, train=True)
     batch_size = args.batch_size or 32
-    print(f"loader {args.loader}: {len(dataset)} images, data.load_imagenet train transforms, 224 px, batch "
+    print(f"loader {args.loader}: {len(dataset)} images, imagenet.load_imagenet train transforms, 224 px, batch "
           f"{batch_size}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
     print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s} {'img per CPU-s':>13s}")
     for workers in args.workers:

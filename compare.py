@@ -26,7 +26,7 @@ differences CutMix − none and oracle − area with 95% intervals, and whether 
 (test set): the pilot (no mixing against CutMix), then per arm the final top-1 (mean and std over seeds)
 and its paired difference to the area target with a 95% interval; the label errors of the final models
 (the mean absolute error of the area, TL-Align and TransMix shares of image 1 against the
-visible-foreground truth, tl_align.target_shares); the commands, seeds, commit and wall time. Only the
+visible-foreground truth, truth.target_shares); the commands, seeds, commit and wall time. Only the
 final epoch is reported: picking the best epoch would select on the test set.
 """
 import argparse
@@ -44,7 +44,7 @@ import time
 import torch
 
 import data
-import tl_align as tl
+import truth
 import visualize
 import vit
 
@@ -233,14 +233,14 @@ def execute(runs, args):
 
 def label_errors(run, images, val_sets):
     """MAE of each target's share of image 1 against the truth, for the run's final model, on `images`
-    validation images, one box per 8 pairs (tl_align.target_shares). Kept in the run's directory."""
+    validation images, one box per 8 pairs (truth.target_shares). Kept in the run's directory."""
     path = os.path.join(run["dir"], f"label_errors_{images}.json")
     if os.path.exists(path):
         return read_json(path, None)
     model, args = visualize.load(os.path.join(run["dir"], "checkpoint.pt"))
     if run["data"] not in val_sets:
         val_sets[run["data"]] = data.load_small(run["data"], args.get("data_path"), train=False)
-    errors = tl.share_errors(visualize.shares(model, val_sets[run["data"]], images, args["cutmix_alpha"],
+    errors = truth.share_errors(visualize.shares(model, val_sets[run["data"]], images, args["cutmix_alpha"],
                                               args["cutmix_mode"]))
     write_json(path, errors)
     return errors
@@ -398,8 +398,8 @@ def calibration_table(runs, args):
             by_arm.setdefault(run["arm"], []).append(dict(seed=run["seed"], top1=logs, mae=mae, ghost=ghost,
                                                           wall=wall_time(run)))
     head = " | ".join(f"epoch {e}" for e in epochs)
-    lines = [f"Held-out top-1 (%) by epoch, mean ± std over seeds; the training targets' mean error against the "
-             f"visible object shares and ghost-label rate, averaged over epochs:", "",
+    lines = ["Held-out top-1 (%) by epoch, mean ± std over seeds; the training targets' mean error against the "
+             "visible object shares and ghost-label rate, averaged over epochs:", "",
              f"| arm | seeds | {head} | train target MAE | ghost rate | min/run |",
              "|---|---|" + "---|" * len(epochs) + "---|---|---|"]
     for arm in ARMS:
@@ -419,7 +419,8 @@ def calibration_table(runs, args):
             continue
         diffs = {e: [a["top1"][e] - b["top1"][e] for a, b in pairs] for e in epochs}
         counts &= {e for e in epochs if len(pairs) > 1 and verdict(diffs[e]).endswith("(higher)")}
-        lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs) + " |")
+        lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs)
+                     + " |")
     lines += ["", "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above "
               f"0) at epoch {', '.join(map(str, sorted(counts)))}." if counts else
               "**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or the oracle "
@@ -522,7 +523,8 @@ def main():
     args = p.parse_args()
     args.train_args = [a for a in args.train_args if a != "--"] or REGIME["flags"]
     if args.jobs < 1 or args.epochs < 1 or args.subset < 0 or args.holdout < 0 or args.label_images < 8:
-        p.error("--jobs and --epochs must be at least 1, --subset and --holdout at least 0, --label-images at least 8")
+        p.error("--jobs and --epochs must be at least 1, --subset and --holdout at least 0, --label-images at "
+                "least 8")
     clash = OWN_FLAGS & {a.split("=")[0] for a in args.train_args}
     if clash:
         p.error(f"after --: {', '.join(sorted(clash))} is set by compare.py itself; "

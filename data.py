@@ -1,36 +1,36 @@
-"""Datasets and augmentation for the TL-Align experiments.
+"""Datasets and augmentation for the TL-Align experiments: the small data sets, and what ImageNet shares.
 
 What is here, top to bottom:
   DataError, DATASETS            the error every fixable data problem raises; per-dataset facts
   make_synthetic                 the project's default data set: ten shapes on clutter, with object masks
-  read_idx, load_small           MNIST / Fashion-MNIST (IDX files), CIFAR-10/100 (python pickles), synthetic,
-                                 all as uint8 tensors of 32x32 images held in memory (TensorData)
+  read_idx, small_garments       MNIST / Fashion-MNIST (IDX files); fashion_mnist_small: its garments pasted
+                                 small on clutter, the regime where CutMix's lam is far from the truth
+  load_small                     those, CIFAR-10/100 (python pickles) and synthetic, all as uint8 tensors of
+                                 32x32 images held in memory (TensorData)
   random_crop_flip, normalize    the small-image train augmentation, on whole batches of tensors
   epoch_order                    one epoch's sample indices of every rank, optionally each repeated
   RepeatedAugSampler             repeated augmentation for a torch DataLoader (DeiT's RASampler, sized anew)
-  Loader                         shuffled, sharded, augmented batches; set_epoch like DistributedSampler
-  class_balanced_subset          a seeded subset of a folder data set, even across its classes
-  RAND_OPS, apply_op             the 15 ops of timm's RandAugment with their magnitude formulas, on PIL images
-  RandAugment                    DeiT's RandAugment: timm's rand-m9-mstd0.5-inc1 written out
-  imagenet_transform             DeiT's ImageNet train / val transforms
-  load_imagenet                  ImageNet-1k as torchvision ImageFolder datasets with those transforms
+  Loader                         shuffled, sharded, augmented batches (and their masks); set_epoch like
+                                 DistributedSampler
 
-Foreground masks (synthetic: exact; MNIST-like: thresholded ink) let the training code check how much of
-each object a CutMix box removed (paper Sec. 3, "token fluctuation"); CIFAR and ImageNet have none.
+The ImageNet pipeline (DeiT's transforms, the image folders) is imagenet.py. It takes DataError and
+ImageNet's facts (DATASETS) from here, and train.py samples its folders with RepeatedAugSampler; nothing
+here imports it: this file needs torch and numpy only.
+
+Foreground masks (synthetic and fashion_mnist_small: exact; MNIST-like: thresholded ink) let the training
+code measure how much of each object a CutMix box removed (paper Sec. 3, "token fluctuation") and train on
+the oracle target; CIFAR and ImageNet have none.
 
 Formats followed (facts, no code borrowed): the IDX format of LeCun et al.'s MNIST page (big-endian
 int32 magic 2051 for images / 2049 for labels, then one int32 per dimension, then uint8 data; the
 Fashion-MNIST files of Xiao et al. use the same format and names); the "python version" of CIFAR-10/100
 on Krizhevsky's page (Python 2 pickles of dicts with bytes keys, b'data' a (N, 3072) uint8 array whose
-rows are 1024 R, then 1024 G, then 1024 B values of a row-major 32x32 image); torchvision's ImageFolder
-layout. Recipes: pad-4 random crop + flip for 32 px images (He et al. 2016); the DeiT train / val
-transforms (Touvron et al. 2021: timm's create_transform as DeiT's datasets.py calls it; RandAugment
-rand-m9-mstd0.5-inc1 with the op list, magnitude formulas, sampling, fill and interpolation of timm 1.0.31's
-auto_augment.py and transforms_factory.py; random erasing 0.25 in 'pixel' mode); per-epoch seeding and
-wrap-around padding of shards as in torch.utils.data.DistributedSampler; repeated augmentation dealt out
-as DeiT's samplers.py RASampler does (each index repeated in a row, the list strided over the ranks).
-CIFAR mean / std are the usual training-set statistics; the MNIST-like ones are for the 32x32 zero-padded
-images (derivation at DATASETS).
+rows are 1024 R, then 1024 G, then 1024 B values of a row-major 32x32 image). Recipes: pad-4 random crop
++ flip for 32 px images (He et al. 2016); per-epoch seeding and wrap-around padding of shards as in
+torch.utils.data.DistributedSampler; repeated augmentation dealt out as DeiT's samplers.py RASampler does
+(each index repeated in a row, the list strided over the ranks). CIFAR mean / std are the usual
+training-set statistics; the MNIST-like ones are for the 32x32 zero-padded images (derivation at
+DATASETS).
 """
 import gzip
 import math
@@ -469,203 +469,3 @@ class Loader:
             if self.masks:
                 out.append(images[:, -1].bool())  # (B, H, W)
             yield tuple(t.pin_memory() for t in out) if self.pin_memory else tuple(out)
-
-
-# ----------------------------------------------------------------------------------------------------
-# ImageNet augmentation: DeiT's train and val transforms, on PIL images. RandAugment is timm's
-# rand-m9-mstd0.5-inc1 written out; facts (no code) from timm 1.0.31: timm/data/auto_augment.py (the op list
-# _RAND_INCREASING_TRANSFORMS, the *_level_to_arg functions named below, AugmentOp, RandAugment,
-# rand_augment_transform) and timm/data/transforms_factory.py (transforms_imagenet_train: the fill and
-# interpolation it hands to the ops, and the rest of the pipeline).
-
-def _enhance_factor(m, s):
-    """PIL ImageEnhance factor, 1 = unchanged (1 +- 0.81 at m = 9); _enhance_increasing_level_to_arg. Its
-    floor 0.1 acts only at m = 10, where 1 - 0.9 rounds to just below 0.1."""
-    return max(0.1, 1 + s * (m / 10 * 0.9))
-
-
-# The 15 ops of timm's "increasing" set, in its order: name -> the op's argument as a function of the
-# magnitude m in [0, 10] and a random sign s (+1 or -1), or None for the three ops without an argument.
-# s is used where timm's level function negates at random (_randomly_negate). Values at m = 9 in brackets.
-RAND_OPS = {
-    'AutoContrast': None,  # each channel stretched to 0..255
-    'Equalize': None,  # histogram equalisation per channel
-    'Invert': None,
-    'Rotate': lambda m, s: s * (m / 10 * 30),  # degrees (27); _rotate_level_to_arg
-    # bits kept, 4 down to 0 (1; 0 at m = 10: a black image); _posterize_increasing_level_to_arg
-    'PosterizeIncreasing': lambda m, s: 4 - int(m / 10 * 4),
-    # pixels >= this threshold are inverted (26; 256: none); _solarize_increasing_level_to_arg
-    'SolarizeIncreasing': lambda m, s: 256 - int(m / 10 * 256),
-    # added to pixels < 128, capped at 255 (99); _solarize_add_level_to_arg
-    'SolarizeAdd': lambda m, s: int(m / 10 * 110),
-    'ColorIncreasing': _enhance_factor,  # blends with the grey image
-    'ContrastIncreasing': _enhance_factor,  # with the image's mean grey
-    'BrightnessIncreasing': _enhance_factor,  # with black
-    'SharpnessIncreasing': _enhance_factor,  # with a smoothed copy
-    'ShearX': lambda m, s: s * (m / 10 * 0.3),  # x shifted by shear * y (0.27); _shear_level_to_arg
-    'ShearY': lambda m, s: s * (m / 10 * 0.3),
-    # fraction of the width / height (0.405); _translate_rel_level_to_arg with its default translate_pct
-    # 0.45 (the translate_const = 0.45 * img_size that transforms_imagenet_train sets is for the absolute
-    # TranslateX / TranslateY, which this set does not use)
-    'TranslateXRel': lambda m, s: s * (m / 10 * 0.45),
-    'TranslateYRel': lambda m, s: s * (m / 10 * 0.45),
-}
-IMAGENET_FILL = (124, 116, 104)  # timm's img_mean: round(255 * IMAGENET_DEFAULT_MEAN), the mean pixel
-
-
-def apply_op(img, name, arg, fill=IMAGENET_FILL):
-    """One op of RAND_OPS on a PIL RGB image, arg its argument (None for the three without one). Geometric
-    ops resample bicubic (timm's, given DeiT's interpolation='bicubic'); uncovered pixels get fill."""
-    from PIL import Image, ImageEnhance, ImageOps
-    op = name.removesuffix('Increasing').removesuffix('Rel')
-    if op in ('AutoContrast', 'Equalize', 'Invert'):
-        return {'AutoContrast': ImageOps.autocontrast, 'Equalize': ImageOps.equalize,
-                'Invert': ImageOps.invert}[op](img)
-    if op == 'Posterize':
-        # keep the top arg bits. 0 bits (m = 10) is a black image, as older Pillow made it for timm: Pillow 13
-        # refuses 0 in ImageOps.posterize, so timm 1.0.31 raises there
-        table = [v & (256 - 2 ** (8 - arg)) for v in range(256)]
-        return img.point(table * len(img.getbands()))
-    if op == 'Solarize':
-        return ImageOps.solarize(img, arg)
-    if op == 'SolarizeAdd':
-        table = [min(255, v + arg) if v < 128 else v for v in range(256)]
-        return img.point(table * len(img.getbands()))  # one 256-entry table per channel
-    if op in ('Color', 'Contrast', 'Brightness', 'Sharpness'):
-        return getattr(ImageEnhance, op)(img).enhance(arg)
-    geometric = dict(resample=Image.Resampling.BICUBIC, fillcolor=fill)
-    if op == 'Rotate':
-        return img.rotate(arg, **geometric)  # about the image centre, counter-clockwise
-    # PIL's affine (a, b, c, d, e, f) reads output pixel (x, y) from input (a x + b y + c, d x + e y + f),
-    # origin at the top-left corner (so shears also shift the image: timm's convention, kept)
-    W, H = img.size
-    matrix = {'ShearX': (1, arg, 0, 0, 1, 0), 'ShearY': (1, 0, 0, arg, 1, 0),
-              'TranslateX': (1, 0, arg * W, 0, 1, 0), 'TranslateY': (1, 0, 0, 0, 1, arg * H)}[op]
-    return img.transform(img.size, Image.Transform.AFFINE, matrix, **geometric)
-
-
-class RandAugment:
-    """timm's RandAugment with DeiT's rand-m9-mstd0.5-inc1 on PIL images, random numbers from torch's
-    global generator (seeded per DataLoader worker, and per epoch by train.py when there are none)."""
-
-    def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5, fill=IMAGENET_FILL):
-        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
-        self.prob, self.fill = prob, fill
-
-    def draw(self):
-        """The ops for one image, in order: a list of (name, magnitude, sign), 0 to num_ops long."""
-        names, ops = list(RAND_OPS), []
-        # num_ops picks, uniform and with replacement (timm: np.random.choice(replace=True) when the
-        # set has no weights), each kept with probability prob (timm's AugmentOp)
-        for k in torch.randint(len(names), (self.num_ops,)).tolist():
-            if torch.rand(()) >= self.prob:
-                continue
-            # magnitude drawn per op and image from N(magnitude, magnitude_std), clipped to [0, 10]
-            m = min(max(self.magnitude + self.magnitude_std * torch.randn(()).item(), 0.0), 10.0)
-            ops.append((names[k], m, -1 if torch.rand(()) < 0.5 else 1))
-        return ops
-
-    def __call__(self, img):
-        for name, m, s in self.draw():
-            img = apply_op(img, name, None if RAND_OPS[name] is None else RAND_OPS[name](m, s), self.fill)
-        return img
-
-    def __repr__(self):
-        return (f'RandAugment(num_ops={self.num_ops}, magnitude={self.magnitude}, '
-                f'magnitude_std={self.magnitude_std}, prob={self.prob}, fill={self.fill})')
-
-
-def imagenet_transform(train, img_size=224):
-    """DeiT's train or val transform: PIL image -> (3, img_size, img_size) float normalised. The train one is
-    timm's create_transform(img_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
-    interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1) as DeiT calls it (its datasets.py),
-    step for step; its color_jitter argument is ignored by timm when RandAugment is on."""
-    from torchvision import transforms
-    from torchvision.transforms import InterpolationMode
-    mean, std = DATASETS['imagenet']['mean'], DATASETS['imagenet']['std']
-    if not train:  # resize to img_size / 0.875 (256 for 224), bicubic, then the central img_size square
-        return transforms.Compose([
-            transforms.Resize(int(img_size / 0.875), interpolation=InterpolationMode.BICUBIC),
-            transforms.CenterCrop(img_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ])
-    return transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                     interpolation=InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(0.5),
-        RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5, fill=IMAGENET_FILL),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-        # timm's RandomErasing in 'pixel' mode, count 1: one box of 0.02-1/3 of the area, log-uniform aspect
-        # 0.3-1/0.3, 10 tries to fit, per-pixel N(0, 1) noise in the normalised space. torchvision's
-        # value='random' draws the same way; only its default scale (0.33) and ratio (3.3) differ.
-        transforms.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random'),
-    ])
-
-
-# ----------------------------------------------------------------------------------------------------
-# ImageNet-1k: ImageFolder datasets with the DeiT transforms, for a torch DataLoader
-
-def _check_imagenet(path):
-    """Raise a DataError unless path/train and path/val hold the same class folders, each with images."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    def has_images(folder):  # stops at the first image: cheap on 1,300 files a class
-        with os.scandir(folder) as entries:
-            return any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in entries)
-
-    expected = (f'expected the ImageFolder layout {path}/train/<class>/*.JPEG and {path}/val/<class>/*.JPEG '
-                f'with the same class folders in both')
-    if not os.path.isdir(path):
-        raise DataError(f'ImageNet not found: {path} does not exist; {expected}')
-    classes = {}
-    for split in ('train', 'val'):
-        root = os.path.join(path, split)
-        if not os.path.isdir(root):
-            raise DataError(f'ImageNet not found: {root} is missing; {expected}')
-        classes[split] = sorted(e.name for e in os.scandir(root) if e.is_dir())
-        if not classes[split]:
-            # the val images as distributed are 50,000 loose files; ImageFolder needs them sorted by class
-            hint = ' (it holds loose images: sort them into one folder per class, as in train/)' \
-                if has_images(root) else ''
-            raise DataError(f'ImageNet layout wrong: {root} has no class folders{hint}; {expected}')
-        for c in classes[split]:
-            if not has_images(os.path.join(root, c)):
-                raise DataError(f'ImageNet layout wrong: {os.path.join(root, c)} holds no images; {expected}')
-    if classes['train'] != classes['val']:
-        only = sorted(set(classes['train']) ^ set(classes['val']))
-        raise DataError(f'ImageNet layout wrong: {path}/train has {len(classes["train"])} class folders, '
-                        f'{path}/val {len(classes["val"])}, differing in {" ".join(only[:5])}'
-                        f'{" ..." if len(only) > 5 else ""}; {expected}')
-
-
-def class_balanced_subset(targets, n, seed):
-    """min(n, len(targets)) indices into targets (a class index per sample), sorted, as even across the
-    classes as their sizes allow: every class gets `level` or level + 1 samples, or all it has if that is
-    fewer, the classes with the extra one and the samples within a class drawn at random from seed alone
-    (the same subset on every rank). n >= the number of classes puts every class in."""
-    targets = np.asarray(targets)
-    counts = np.bincount(targets)  # (C,)
-    level = 0  # the largest even share that fits in n
-    while np.minimum(counts, level + 1).sum() <= n and level < counts.max():
-        level += 1
-    take = np.minimum(counts, level)
-    rng = np.random.default_rng(seed)
-    # what is left is fewer than the classes holding more than `level` (else level would be higher): one more
-    # to that many of them, at random
-    rest = min(n, len(targets)) - take.sum()
-    take[rng.choice(np.flatnonzero(counts > level), rest, replace=False)] += 1
-    by_class = np.split(np.argsort(targets, kind='stable'), np.cumsum(counts)[:-1])  # C arrays of indices
-    chosen = [rng.choice(members, k, replace=False) for members, k in zip(by_class, take)]
-    return sorted(np.concatenate(chosen).tolist())
-
-
-def load_imagenet(path, train, img_size=224):
-    """The train or val split under path as a torchvision ImageFolder; items are (image (3, img_size,
-    img_size) float normalised, class index) through imagenet_transform. Class indices follow the sorted
-    folder names."""
-    from torchvision import datasets
-    _check_imagenet(path)
-    root = os.path.join(path, 'train' if train else 'val')
-    return datasets.ImageFolder(root, imagenet_transform(train, img_size))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import tl_align as tl
+import truth
 import vit
 
 
@@ -50,11 +51,29 @@ def random_token_labels(B: int, N: int, K: int, seed: int = 0) -> torch.Tensor:
 
 
 def capture_attention(model):
-    """Forward hooks that record every attention layer's weights, in call order."""
+    """Forward hooks that record every attention layer's weights (B, h, N, N), in call order.
+
+    The layers return no (N, N) map, so each hook recomputes it from the layer's input as the explicit
+    path does: softmax(q k^T * scale + bias), Swin's bias its relative-position table plus the shift mask.
+    """
     maps, handles = [], []
+
+    def record(m, args, kwargs, out):
+        x = args[0]
+        B, N, C = x.shape
+        q, k, _ = m.qkv(x).reshape(B, N, 3, m.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        logits = (q * m.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
+        if isinstance(m, vit.WindowAttention):
+            bias = m.relative_position_bias_table[m.relative_position_index].permute(2, 0, 1)  # (h, N, N)
+            mask = args[1] if len(args) > 1 else kwargs.get("mask")
+            if mask is not None:
+                bias = bias + mask[:, None]  # (nW, h, N, N): window w of image b is batch entry nW * b + w
+            logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
+        maps.append(logits.softmax(dim=-1, dtype=torch.float32).detach())
+
     for mod in model.modules():
         if isinstance(mod, vit.Attention):
-            handles.append(mod.register_forward_hook(lambda m, i, out: maps.append(out[1].detach())))
+            handles.append(mod.register_forward_hook(record, with_kwargs=True))
     return maps, handles
 
 
@@ -75,8 +94,8 @@ def test_two_sources_equal_full_class_labels(family, mode):
     onehot = F.one_hot(sources, C).float()  # (B, 2, C)
     class_tokens = torch.einsum("bnk,bkc->bnc", w, onehot)  # (B, N, C): the official code's token labels
     with torch.no_grad():
-        _, label_k2 = model(xm, w)
-        _, label_kc = model(xm, class_tokens)
+        _, label_k2, _ = model(xm, w)
+        _, label_kc, _ = model(xm, class_tokens)
     target_k2 = tl.class_target(label_k2, sources, C)
     assert label_kc.shape == (5, C)
     assert (target_k2 - label_kc).abs().max() < 1e-6
@@ -93,7 +112,7 @@ def test_vit_label_equals_official_loop():
     w = random_token_labels(4, model.num_patches, 3)
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        _, label = model(x, w)
+        _, label, _ = model(x, w)
     for h in handles:
         h.remove()
     assert len(maps) == len(model.blocks)
@@ -131,7 +150,7 @@ def test_swin_label_equals_dense_block_diagonal_loop():
     w = random_token_labels(B, model.num_patches, K)
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        _, label = model(x, w)
+        _, label, _ = model(x, w)
     for h in handles:
         h.remove()
     Y = w.double()  # (B, R*R, K)
@@ -168,7 +187,7 @@ def test_labels_stay_on_the_simplex(family):
     model = tiny(family).eval()
     w = random_token_labels(3, model.num_patches, 5)
     with torch.no_grad():
-        _, label = model(torch.randn(3, 3, 32, 32), w)
+        _, label, _ = model(torch.randn(3, 3, 32, 32), w)
     assert label.dtype == torch.float32 and label.min() >= 0
     assert (label.sum(-1) - 1).abs().max() < 1e-6
 
@@ -181,7 +200,7 @@ def test_constant_label_map_is_unchanged(family):
     x, _ = tl.mixup(torch.randn(3, 3, 32, 32), lam=0.3)
     w = torch.tensor([0.3, 0.7]).expand(3, model.num_patches, 2)
     with torch.no_grad():
-        _, label = model(x, w)
+        _, label, _ = model(x, w)
     assert (label - torch.tensor([0.3, 0.7])).abs().max() < 1e-6
 
 
@@ -198,11 +217,11 @@ def test_align_labels_by_hand():
     assert torch.allclose(tl.align_labels(Y, tl.attend_labels(attn, Y)), expected)
 
 
-def test_transmix_lambda_by_hand():
+def test_transmix_label_by_hand():
     cls_attn = torch.tensor([[0.1, 0.15, 0.25]])  # unnormalised: renormalised to .2 .3 .5
     w = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]])
     # lam_attn = .2*1 + .3*0 + .5*.5 = .45; TransMix uses (lam_area + lam_attn) / 2 = (.6 + .45) / 2
-    out = tl.transmix_lambda(cls_attn, w, lam=0.6)
+    out = tl.transmix_label(cls_attn, w, lam=0.6)
     assert torch.allclose(out, torch.tensor([[0.525, 0.475]]))
 
 
@@ -220,12 +239,13 @@ def test_vit_transmix_attention_is_last_class_token_row():
     model = tiny("vit").eval()
     maps, handles = capture_attention(model)
     with torch.no_grad():
-        _, cls_attn = model(torch.randn(2, 3, 32, 32), return_cls_attn=True)
+        _, _, cls_attn = model(torch.randn(2, 3, 32, 32), random_token_labels(2, model.num_patches, 2))
     for h in handles:
         h.remove()
+    assert cls_attn.shape == (2, model.num_patches) and cls_attn.dtype == torch.float32
     assert torch.equal(cls_attn, maps[-1][:, :, 0, 1:].mean(1))
-    with pytest.raises(TypeError):
-        tiny("swin")(torch.randn(1, 3, 32, 32), return_cls_attn=True)  # TransMix needs a class token
+    swin = tiny("swin")
+    assert swin(torch.randn(1, 3, 32, 32), random_token_labels(1, swin.num_patches, 2))[2] is None  # no class token
 
 
 # 5. Labels never change the network -----------------------------------------------------------------
@@ -239,7 +259,7 @@ def test_labels_do_not_change_logits_or_gradients(family):
     def run(with_labels):
         model.zero_grad()
         torch.manual_seed(7)
-        out = model(x, w) if with_labels else (model(x), None)
+        out = model(x, w)[:2] if with_labels else (model(x), None)
         out[0].square().sum().backward()
         return out[0].detach(), [p.grad.clone() for p in model.parameters()], out[1]
 
@@ -286,7 +306,7 @@ def test_patch_merging_labels_and_channel_order():
 
 @pytest.mark.parametrize("mode", ["grid", "pixel"])
 @pytest.mark.parametrize("B", [1, 4, 5])
-def test_cutmix_pixels_and_token_weights(mode, B):
+def test_cutmix_pixels_and_token_labels(mode, B):
     torch.manual_seed(8)
     p, H = 4, 32
     x = torch.randn(B, 3, H, H) + 10 * torch.arange(B).view(B, 1, 1, 1)  # images far apart
@@ -347,12 +367,12 @@ def test_labels_targets_and_loss_are_float32_under_autocast(family, fused, dtype
     xm, w, _ = tl.cutmix(torch.randn(6, 3, 32, 32), patch_size(model), mode="pixel")
     sources = torch.stack([torch.arange(6), torch.arange(6).flip(0)], 1) % 7
     with torch.no_grad():
-        _, exact = copy.deepcopy(model).double()(xm.double(), w.double())
+        _, exact, _ = copy.deepcopy(model).double()(xm.double(), w.double())
     errors = {}
     for path in sorted({False, fused}):
         m = fused_twin(model) if path else model
         with torch.autocast("cpu", dtype=dtype):
-            logits, label = m(xm, w)
+            logits, label, _ = m(xm, w)
             target = tl.class_target(label, sources, 7, smoothing=0.1)
             loss = tl.soft_cross_entropy(logits, target)
         assert logits.dtype == dtype
@@ -442,16 +462,22 @@ def test_vit_forward_equals_functional_reference():
         assert torch.allclose(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_window_attention_equals_sdpa_with_bias():
+@pytest.mark.parametrize("fused", [False, True])
+def test_window_attention_equals_sdpa_with_bias(fused):
+    """Both paths keep one contract: the output, the attended labels and the first token's weights."""
     torch.manual_seed(12)
-    attn = vit.Attention(32, 4)
+    attn = vit.Attention(32, 4, fused=fused)
     x, bias = torch.randn(6, 16, 32), torch.randn(3, 4, 16, 16)  # 2 images x 3 windows
-    out, weights, _ = attn(x, bias)
+    labels = random_token_labels(6, 16, 3)
+    out, labels_attn, cls_attn = attn(x, bias, labels, cls_attn=True)
     q, k, v = attn.qkv(x).unflatten(-1, (3, 4, 8)).permute(2, 0, 3, 1, 4)
     full_bias = bias.repeat(2, 1, 1, 1)  # (6, 4, 16, 16): window w of image b is batch entry 3b + w
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=full_bias).transpose(1, 2).flatten(2)
+    weights = ((q @ k.transpose(-1, -2)) / 8 ** 0.5 + full_bias).softmax(-1)  # (6, 4, 16, 16)
     assert torch.allclose(out, attn.proj(ref), atol=1e-5)
-    assert torch.allclose(weights, ((q @ k.transpose(-1, -2)) / 8 ** 0.5 + full_bias).softmax(-1), atol=1e-6)
+    assert torch.allclose(labels_attn, weights.mean(1) @ labels, atol=1e-6)
+    assert torch.allclose(cls_attn, weights[:, :, 0], atol=1e-6) and not cls_attn.requires_grad
+    assert attn(x, bias)[1:] == (None, None)  # neither without being asked
 
 
 def test_relative_position_index_by_hand():
@@ -485,16 +511,16 @@ def test_cutmix_truth_counts_the_visible_foreground(mode):
     x = torch.arange(B, dtype=torch.float).view(B, 1, 1, 1).expand(B, 3, H, W)  # each image one value
     fg = torch.rand(B, H, W) < 0.3
     fg[1] = False  # an image without an object: its mixes show only their partner's, or nothing (NaN)
-    xm, w, lam, visible = tl.cutmix_truth(x, fg, 4, mode=mode)
+    xm, w, lam, visible = truth.cutmix_truth(x, fg, 4, mode=mode)
     # independently: a pixel of mixed image b comes from image b where it holds b's value
     own = xm[:, 0] == torch.arange(B, dtype=torch.float).view(B, 1, 1)  # (B, H, W)
     shown = torch.where(own, fg, fg.flip(0))
     assert torch.equal(visible, torch.stack([(shown & own).sum((1, 2)), (shown & ~own).sum((1, 2))], 1).float())
     expected = (shown & own).sum((1, 2)).float() / shown.sum((1, 2)).float()
-    assert torch.allclose(tl.true_share(visible), expected, equal_nan=True)
+    assert torch.allclose(truth.true_share(visible), expected, equal_nan=True)
     assert torch.allclose(own.float().mean((1, 2)), torch.full((B,), lam))  # lam is the pixel share
-    all_fg = tl.cutmix_truth(x, torch.ones(B, H, W), 4, mode=mode)
-    assert torch.allclose(tl.true_share(all_fg[3]), torch.full((B,), all_fg[2]))  # all foreground: truth = lam
+    all_fg = truth.cutmix_truth(x, torch.ones(B, H, W), 4, mode=mode)
+    assert torch.allclose(truth.true_share(all_fg[3]), torch.full((B,), all_fg[2]))  # all foreground: truth = lam
 
 
 def test_cutmix_box_has_the_cutmix_size():
@@ -517,7 +543,7 @@ def test_models_run_in_other_dtypes(family, dtype):
     model = tiny(family).to(dtype)
     xm, w, _ = tl.cutmix(torch.randn(2, 3, 32, 32, dtype=dtype), patch_size(model))
     with torch.no_grad():
-        logits, label = model(xm, w)
+        logits, label, _ = model(xm, w)
     assert logits.dtype == dtype and label.dtype == torch.float32
     assert (label.sum(-1) - 1).abs().max() < 1e-5
 
@@ -572,8 +598,9 @@ def test_fused_transmix_attention_equals_explicit():
     model = tiny("vit").eval()
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        _, a = model(x, return_cls_attn=True)
-        _, b = fused_twin(model)(x, return_cls_attn=True)
+        w = random_token_labels(3, model.num_patches, 2)
+        _, _, a = model(x, w)
+        _, _, b = fused_twin(model)(x, w)
     assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -584,8 +611,8 @@ def test_fused_equals_explicit_under_bf16_autocast(family):
     model = tiny(family).eval()
     xm, w, _ = tl.cutmix(torch.randn(4, 3, 32, 32), patch_size(model), mode="pixel")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        la, ya = model(xm, w)
-        lb, yb = fused_twin(model)(xm, w)
+        la, ya, _ = model(xm, w)
+        lb, yb, _ = fused_twin(model)(xm, w)
     assert yb.dtype == torch.float32
     assert (la.float() - lb.float()).abs().max() < 5e-2
     assert (ya - yb).abs().max() < 5e-3 and (yb.sum(-1) - 1).abs().max() < 5e-3
@@ -597,23 +624,24 @@ def test_fused_attention_pads_to_kernel_width():
     q, k, v = torch.randn(3, 2, 4, 5, 6).unbind(0)  # (B=2, h=4, N=5, d=6)
     for K in (1, 2, 3, 10):
         labels = torch.rand(2, 5, K).softmax(-1)
-        out, labels_attn = vit.fused_attention(q, k, v, None, labels, scale=0.5)
+        out, labels_attn, cls_attn = vit.fused_attention(q, k, v, None, labels, scale=0.5, cls_attn=True)
         A = (q @ k.transpose(-1, -2) * 0.5).softmax(-1)
         assert torch.allclose(out, A @ v, atol=1e-5)
         assert torch.allclose(labels_attn, tl.attend_labels(A, labels), atol=1e-6)
+        assert torch.allclose(cls_attn, A[:, :, 0], atol=1e-6)
 
 
 def test_oracle_target_is_the_visible_share_of_each_object():
     # pixels of each object a mixed image shows: both visible, image 2's hidden, image 1's hidden, none visible
     visible = torch.tensor([[30.0, 10.0], [12.0, 0.0], [0.0, 7.0], [0.0, 0.0]])
-    oracle = tl.oracle_weights(visible, lam=0.7)
+    oracle = truth.oracle_label(visible, lam=0.7)
     assert torch.allclose(oracle, torch.tensor([[0.75, 0.25], [1.0, 0.0], [0.0, 1.0], [0.7, 0.3]]))
     # and on a real CutMix draw: where some object shows, the oracle's share of image 1 is the true share
     torch.manual_seed(5)
     x, fg = torch.randn(8, 3, 16, 16), torch.rand(8, 16, 16) < 0.2
-    _, _, lam, visible = tl.cutmix_truth(x, fg, 4)
-    truth, oracle = tl.true_share(visible), tl.oracle_weights(visible, lam)
-    assert torch.allclose(oracle[:, 0][truth.isfinite()], truth[truth.isfinite()])
+    _, _, lam, visible = truth.cutmix_truth(x, fg, 4)
+    share, oracle = truth.true_share(visible), truth.oracle_label(visible, lam)
+    assert torch.allclose(oracle[:, 0][share.isfinite()], share[share.isfinite()])
     assert torch.allclose(oracle.sum(1), torch.ones(8))
 
 
@@ -622,11 +650,11 @@ def test_target_errors_count_ghost_labels_on_a_constructed_batch():
                             [12.0, 0.0],    # image 2's object is hidden: truth 1
                             [0.0, 7.0],     # image 1's object is hidden: truth 0
                             [0.0, 0.0]])    # no object shows: not counted at all
-    area = tl.area_weights(0.6, 4, torch.device("cpu"))  # lam 0.6 for every pair
-    error_sum, shown, ghosts = tl.target_errors(area, visible).tolist()
+    area = tl.area_label(0.6, 4, torch.device("cpu"))  # lam 0.6 for every pair
+    error_sum, shown, ghosts = truth.target_errors(area, visible).tolist()
     assert shown == 3 and ghosts == 2  # rows 2 and 3: 0.4 and 0.6 to an invisible object
     assert error_sum == pytest.approx(0.15 + 0.4 + 0.6)
-    oracle = tl.oracle_weights(visible, 0.6)
-    assert tl.target_errors(oracle, visible).tolist() == [0.0, 3.0, 0.0]  # the truth: no error, no ghost
+    oracle = truth.oracle_label(visible, 0.6)
+    assert truth.target_errors(oracle, visible).tolist() == [0.0, 3.0, 0.0]  # the truth: no error, no ghost
     almost = torch.tensor([[0.75, 0.25], [0.95, 0.05], [0.1, 0.9], [0.5, 0.5]])  # 0.05 is below 0.1; 0.1 is not
-    assert tl.target_errors(almost, visible).tolist()[2] == 1
+    assert truth.target_errors(almost, visible).tolist()[2] == 1

@@ -1,4 +1,4 @@
-"""Tests of fine-tuning from other weights: the file formats, the resizes, the channel and head rules, the errors.
+"""Tests of checkpoint.py and --finetune: the file formats, the resizes, the channel and head rules, the errors.
 
 Checkpoints are written here in each format's exact layout, from real timm models built from their local
 configs (never downloaded); the resizes are checked against cubic convolution written out below.
@@ -6,6 +6,8 @@ configs (never downloaded); the resizes are checked against cubic convolution wr
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +19,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import adapt_input_conv as timm_adapt_input_conv
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
+import checkpoint
 import train
 import vit
 
@@ -86,15 +89,15 @@ def test_every_format_loads_timms_weights_and_gives_timms_logits(tmp_path):
     with torch.no_grad():
         expected = reference(x)
     for name in [*files, "model.safetensors"]:
-        ckpt = train.load_checkpoint(str(tmp_path / name))
+        ckpt = checkpoint.load_checkpoint(str(tmp_path / name))
         assert ckpt["model"].keys() == sd.keys() and all(torch.equal(ckpt["model"][k], sd[k]) for k in sd), name
         model = vit.create_model("deit_t").eval()
-        state, notes = vit.adapt_state_dict(ckpt["model"], model)
+        state, notes = checkpoint.adapt_state_dict(ckpt["model"], model)
         assert notes == ["classifier kept: the checkpoint has the same class count"], name
         model.load_state_dict(state, strict=True)
         with torch.no_grad():
             assert torch.allclose(model(x), expected, atol=1e-4), name
-    assert train.load_checkpoint(str(tmp_path / "deit_training.pth"))["args"]["model"] == "deit_tiny_patch16_224"
+    assert checkpoint.load_checkpoint(str(tmp_path / "deit_training.pth"))["args"]["model"] == "deit_tiny_patch16_224"
 
 
 def test_loading_never_runs_code_from_the_file(tmp_path, capsys):
@@ -125,9 +128,9 @@ def test_safetensors_without_the_package_is_one_line(tmp_path, monkeypatch, caps
 def test_pos_embed_resize_is_bicubic_over_the_patch_grid():
     torch.manual_seed(1)
     pos = torch.randn(1, 1 + 8 * 8, 5)
-    assert vit.resample_pos_embed(pos, 8) is pos  # same grid: untouched
+    assert checkpoint.resample_pos_embed(pos, 8) is pos  # same grid: untouched
     for n in (12, 5):  # enlarge and shrink
-        out = vit.resample_pos_embed(pos, n)
+        out = checkpoint.resample_pos_embed(pos, n)
         assert out.shape == (1, 1 + n * n, 5) and torch.equal(out[:, 0], pos[:, 0])  # the class token kept
         expected = resize_grid(pos[0, 1:].reshape(8, 8, 5), n).reshape(1, n * n, 5)  # row-major tokens
         assert torch.allclose(out[:, 1:], expected, atol=1e-5)
@@ -139,9 +142,9 @@ def test_bias_table_resize_is_bicubic_over_the_offsets():
     torch.manual_seed(2)
     w, heads = 4, 3
     table = torch.randn((2 * w - 1) ** 2, heads)
-    assert vit.resample_bias_table(table, w) is table
+    assert checkpoint.resample_bias_table(table, w) is table
     for window in (7, 2):
-        out = vit.resample_bias_table(table, window)
+        out = checkpoint.resample_bias_table(table, window)
         side = 2 * window - 1
         expected = resize_grid(table.reshape(2 * w - 1, 2 * w - 1, heads), side).reshape(side * side, heads)
         assert out.shape == (side * side, heads) and torch.allclose(out, expected, atol=1e-5)
@@ -157,17 +160,17 @@ def test_swin_in_timms_layout_loads_for_another_window():
     # buffers in the file (as in Microsoft's checkpoints) are ignored, even wrong ones
     sd["layers.0.blocks.1.attn_mask"] = torch.ones(16, 16, 16)
     sd["layers.0.blocks.0.attn.relative_position_index"] = torch.zeros(16, 16, dtype=torch.long)
-    state, notes = vit.adapt_state_dict(sd, model)
+    state, notes = checkpoint.adapt_state_dict(sd, model)
     model.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(model(x), reference(x), atol=1e-5)
     smaller = vit.create_model("swin_mini", num_classes=10, window_size=2)
-    state, notes = vit.adapt_state_dict(reference.state_dict(), smaller)
+    state, notes = checkpoint.adapt_state_dict(reference.state_dict(), smaller)
     smaller.load_state_dict(state, strict=True)
     assert "relative-position bias tables resized for windows 4 -> 2 (bicubic)" in notes
     key = "layers.1.blocks.0.attn.relative_position_bias_table"
-    assert torch.equal(state[key], vit.resample_bias_table(reference.state_dict()[key], 2))
+    assert torch.equal(state[key], checkpoint.resample_bias_table(reference.state_dict()[key], 2))
 
 
 # ----------------------------------------------------------------------------- channels and classes
@@ -176,7 +179,7 @@ def test_grey_images_through_summed_kernels_match_their_rgb_copies():
     torch.manual_seed(4)
     rgb = vit.create_model("vit_mini", num_classes=10).eval()
     grey = vit.create_model("vit_mini", num_classes=10, in_chans=1).eval()
-    state, notes = vit.adapt_state_dict(rgb.state_dict(), grey)
+    state, notes = checkpoint.adapt_state_dict(rgb.state_dict(), grey)
     grey.load_state_dict(state, strict=True)
     assert "patch_embed.proj.weight adapted from 3 to 1 input channels (summed)" in notes
     x = torch.randn(2, 1, 32, 32)
@@ -184,12 +187,12 @@ def test_grey_images_through_summed_kernels_match_their_rgb_copies():
         assert torch.allclose(grey(x), rgb(x.expand(-1, 3, -1, -1)), atol=1e-5)
         # six channels: the kernels repeated and halved, so an image given twice gets the RGB embedding
         six = vit.create_model("vit_mini", num_classes=10, in_chans=6).eval()
-        six.load_state_dict(vit.adapt_state_dict(rgb.state_dict(), six)[0], strict=True)
+        six.load_state_dict(checkpoint.adapt_state_dict(rgb.state_dict(), six)[0], strict=True)
         x = torch.randn(2, 3, 32, 32)
         assert torch.allclose(six(torch.cat([x, x], dim=1)), rgb(x), atol=1e-5)
     w = rgb.patch_embed.proj.weight.detach()
     for c in (1, 2, 4, 6):  # timm's rule, including the counts that are not a multiple of 3
-        assert torch.equal(vit.adapt_input_conv(w, c), timm_adapt_input_conv(c, w))
+        assert torch.equal(checkpoint.adapt_input_conv(w, c), timm_adapt_input_conv(c, w))
 
 
 @pytest.mark.parametrize("name", ["vit_mini", "swin_mini"])
@@ -201,7 +204,7 @@ def test_head_is_reset_for_another_class_count_and_kept_for_the_same(name):
     for classes in (5, 10):
         model = vit.create_model(name, num_classes=classes)
         fresh = {k: v.clone() for k, v in model.state_dict().items()}
-        state, notes = vit.adapt_state_dict(source, model)
+        state, notes = checkpoint.adapt_state_dict(source, model)
         model.load_state_dict(state, strict=True)
         loaded = model.state_dict()
         for k in source:
@@ -210,7 +213,7 @@ def test_head_is_reset_for_another_class_count_and_kept_for_the_same(name):
         if classes == 5:
             assert notes == ["classifier re-initialised: 10 classes in the checkpoint, 5 here"]
             with pytest.raises(ValueError, match=rf"{head[0]} is \(10, \d+\) in the checkpoint, \(5, \d+\)"):
-                vit.adapt_state_dict(source, model, reset_head=False)  # --eval keeps the head or stops
+                checkpoint.adapt_state_dict(source, model, reset_head=False)  # --eval keeps the head or stops
 
 
 def test_distilled_deit_loses_its_distillation_token():
@@ -218,12 +221,12 @@ def test_distilled_deit_loses_its_distillation_token():
     sd = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False).state_dict()
     assert {"dist_token", "head_dist.weight", "head_dist.bias"} <= sd.keys() and sd["pos_embed"].shape[1] == 198
     model = vit.create_model("deit_t", img_size=112)
-    state, notes = vit.adapt_state_dict(sd, model)
+    state, notes = checkpoint.adapt_state_dict(sd, model)
     model.load_state_dict(state, strict=True)
     assert notes[0].startswith("distilled DeiT: dropped dist_token, head_dist.weight, head_dist.bias")
     # the class token's position survives, the patch positions are those after the distillation token
     assert torch.equal(state["pos_embed"][:, 0], sd["pos_embed"][:, 0])
-    assert torch.allclose(state["pos_embed"], vit.resample_pos_embed(sd["pos_embed"][:, [0, *range(2, 198)]], 7))
+    assert torch.allclose(state["pos_embed"], checkpoint.resample_pos_embed(sd["pos_embed"][:, [0, *range(2, 198)]], 7))
     assert torch.equal(state["head.weight"], sd["head.weight"])
 
 
@@ -256,6 +259,21 @@ ERRORS = {  # arguments -> what the one line must say
     "img_size_small_data": (["--img-size", "48"], "--img-size: --data synthetic is held in memory at 32 px"),
     "window_on_vit": (["--window-size", "2"], "--window-size is for Swin models"),
 }
+
+
+def test_unusable_files_raise_checkpoint_error_and_checkpoint_py_stands_alone(tmp_path):
+    """checkpoint.py raises its own error (train.main prints it as one line, below) and imports no file
+    of this repository, so that train.py's error type cannot tie the two into a cycle."""
+    (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    torch.save({"model": "weights"}, tmp_path / "empty.pt")
+    for name, message in [("nowhere.pth", "not found"), ("corrupt.pth", "cannot be read"),
+                          ("empty.pt", "holds no model weights"), (".", "is a directory")]:
+        with pytest.raises(checkpoint.CheckpointError, match=message):
+            checkpoint.load_checkpoint(str(tmp_path / name))
+    code = "import sys, checkpoint; print(sorted({'data', 'tl_align', 'train', 'vit'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(checkpoint.__file__)))
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("case", list(ERRORS))

@@ -112,7 +112,7 @@ def test_timm_deit_equals_vit_py_labels_on_the_same_weights(deit_pair, fused):
     torch.manual_seed(0)
     xm, w, lam = tl.cutmix(torch.randn(4, 3, 64, 64), 16, lam=0.6)
     with torch.no_grad():
-        logits_ref, label_ref = ours(xm, w)
+        logits_ref, label_ref, _ = ours(xm, w)
     logits, label = tracked(model, xm, w)
     assert (logits - logits_ref).abs().max() <= 1e-3 * logits_ref.abs().max()  # SDPA or not: float32 rounding
     assert (label - label_ref).abs().max() < 1e-5 and label.dtype == torch.float32
@@ -124,7 +124,7 @@ def test_vit_py_tracked_equals_its_own_label_path(fused):
     model = perturb(vit.create_model("vit_mini", num_classes=5, depth=3, fused_attn=fused)).eval()
     x, w = torch.randn(3, 3, 32, 32), random_token_labels(3, model.num_patches, 3)
     with torch.no_grad():
-        _, label_ref = model(x, w)
+        _, label_ref, _ = model(x, w)
     _, label = tracked(model, x, w)
     if fused:  # the model gets its labels from the SDPA kernel, the tracker from an explicit softmax
         assert (label - label_ref).abs().max() < 1e-6

@@ -9,6 +9,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import checkpoint
 import data
 import train
 import vit
@@ -53,17 +54,17 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     common = ["--epochs", "2", *SMALL, "--drop-path", "0.1", "--mix", "both"]
     train.main(common + ["--output-dir", str(tmp_path / "straight")])
 
-    save = train.save_atomic
+    save = checkpoint.save_atomic
 
     def save_then_die(obj, path):  # killed right after the first epoch's checkpoint is written
         save(obj, path)
         if path.endswith("checkpoint.pt"):
             raise Killed
 
-    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    monkeypatch.setattr(checkpoint, "save_atomic", save_then_die)
     with pytest.raises(Killed):
         train.main(common + ["--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(train, "save_atomic", save)
+    monkeypatch.setattr(checkpoint, "save_atomic", save)
     assert weights(tmp_path / "resumed" / "checkpoint.pt").keys()
     with open(tmp_path / "resumed" / "log.jsonl", "a") as f:  # as if killed after logging epoch 1
         f.write(json.dumps({"epoch": 1, "train_loss": -1.0}) + "\n")
@@ -77,7 +78,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    train.save_atomic({"model": {"w": torch.ones(3)}}, path)
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}}, path)
 
     def torn_save(obj, f):  # half a file, then the process dies
         with open(f, "wb") as fh:
@@ -86,8 +87,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", torn_save)
     with pytest.raises(Killed):
-        train.save_atomic({"model": {"w": torch.zeros(3)}}, path)
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(checkpoint.load_checkpoint(path)["model"]["w"], torch.ones(3))
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
@@ -159,11 +160,11 @@ def test_label_truth_is_the_area_when_everything_is_foreground():
     model = vit.create_model("vit_mini", num_classes=10)
     for mode in ("grid", "pixel"):
         args.cutmix_mode = mode
-        mae = train.label_accuracy(model, val, args, torch.device("cpu"), nullcontext(), num_images=128)
+        mae = train.label_errors(model, val, args, torch.device("cpu"), nullcontext(), num_images=128)
         assert mae["area"] < 1e-6 and mae["tl"] > 1e-4  # the model's label is not the area
     val.masks[:, :, :] = False
     val.masks[::2, 10:20, 10:20] = True  # even images only: an odd image's pair partner is even
-    mae = train.label_accuracy(model, val, args, torch.device("cpu"), nullcontext(), num_images=128)
+    mae = train.label_errors(model, val, args, torch.device("cpu"), nullcontext(), num_images=128)
     # pairs (i, B-1-i) with B = 64 join an even and an odd image: truth is 1 or 0 wherever defined
     assert mae["area"] > 0.05
 
@@ -198,8 +199,7 @@ def test_warmup_is_the_recipes_but_at_most_a_tenth_of_the_run():
 
 def lr_of_every_step(argv, steps_per_epoch, world=1):
     """The rate of every optimizer step of a run, as train.run builds its schedule."""
-    args = train.get_args(argv)
-    train.set_rates(args, world)
+    args = train.get_args(argv, world=world)
     factor = train.schedule(args, steps_per_epoch)
     return args, [args.lr * factor(s) for s in range(args.epochs * steps_per_epoch)]
 
@@ -316,7 +316,7 @@ def test_cpu_bf16_is_read_off_the_feature_flags(tmp_path, monkeypatch):
 
 def test_holdout_validates_on_the_last_training_samples():
     args = train.get_args(["--subset", "300", "--holdout", "200", "--no-augment", "--batch-size", "100"])
-    train_loader, _, val_set, _ = train.build_data(args, 0, 1, CPU)
+    train_loader, _, val_set, _ = train.build_data(args, 0, CPU)
     images, labels, masks = data.make_synthetic(500)  # the training stream, never the val stream
     assert torch.equal(train_loader.data.images, torch.from_numpy(images[:300]))
     assert torch.equal(val_set.images, torch.from_numpy(images[300:])) and torch.equal(val_set.masks,
@@ -366,15 +366,15 @@ def write_folders(root, train_counts):
 def test_imagenet_subset_is_class_balanced_and_the_sampler_repeats(tmp_path):
     write_folders(tmp_path, [4, 6, 1, 5])
     argv = ["--data", "imagenet", "--data-path", str(tmp_path), "--batch-size", "2", "--workers", "0"]
-    loader = train.build_data(train.get_args(argv + ["--subset", "9"]), 0, 1, CPU)[0]
+    loader = train.build_data(train.get_args(argv + ["--subset", "9"]), 0, CPU)[0]
     counts = torch.bincount(torch.tensor(loader.dataset.dataset.targets)[loader.dataset.indices])
     assert counts[2] == 1 and sorted(counts[[0, 1, 3]].tolist()) == [2, 3, 3]  # class 2 gives all it has
-    other = train.build_data(train.get_args(argv + ["--subset", "9", "--seed", "1"]), 0, 1, CPU)[0]
+    other = train.build_data(train.get_args(argv + ["--subset", "9", "--seed", "1"]), 0, CPU)[0]
     assert other.dataset.indices != loader.dataset.indices  # drawn with --seed (on every rank alike)
     assert isinstance(loader.sampler, data.RepeatedAugSampler) and loader.sampler.repeats == 3
     assert len(loader.sampler) == 9
     with pytest.raises(train.UserError, match="--subset 3 is fewer than the 4 classes"):
-        train.build_data(train.get_args(argv + ["--subset", "3"]), 0, 1, CPU)
+        train.build_data(train.get_args(argv + ["--subset", "3"]), 0, CPU)
 
 
 def test_imagenet_run_on_a_tiny_folder(tmp_path):
@@ -412,7 +412,7 @@ def test_batches_for_a_gpu_come_from_pinned_memory(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.data_ptr()) or self)
     args = train.get_args(["--subset", "64", "--batch-size", "32"])
     for device, expected in ((torch.device("cuda"), True), (CPU, False)):
-        train_loader, val_loader, _, _ = train.build_data(args, 0, 1, device)
+        train_loader, val_loader, _, _ = train.build_data(args, 0, device)
         pinned.clear()
         batches = [b for loader in (train_loader, val_loader) for b in loader]
         assert sorted(pinned) == sorted(t.data_ptr() for b in batches for t in b) if expected else not pinned

@@ -3,8 +3,9 @@
 Follows Xiao et al., "Token-Label Alignment for Vision Transformers", ICCV 2023 (arXiv:2210.06455).
 The paper's method in four steps, each a function here:
 
-1. `cutmix`: paper Eq. (1), X~ = M*X1 + (1-M)*X2, y~ = lam*y1 + (1-lam)*y2, and the label of every
-   patch token: which share of its pixels comes from which image.
+1. `cutmix`: paper Eq. (1), X~ = M*X1 + (1-M)*X2, and the label of every patch token: which share of
+   its pixels comes from which image (`mixup` beside it). `area_label`: Eq. (1)'s y~ = lam*y1 + (1-lam)*y2,
+   the target TL-Align corrects.
 2. `attend_labels` + `align_labels`: one attention layer moves the token labels with the same
    (head-averaged, detached) attention that moves the features, followed by the residual average:
    Y <- (Y + mean_h(A) Y) / 2 (paper Sec. 3, Fig. 2; the weight 1/2 is the official code's).
@@ -13,12 +14,14 @@ The paper's method in four steps, each a function here:
 4. `class_target` + `soft_cross_entropy`: the aligned label over images becomes a class distribution,
    and the loss is the soft-target cross-entropy.
 
-Labels are tracked as weights over the K mixed *sources* (K = 2 for a CutMix pair), not over the C
+Labels are tracked as shares of the K mixed *sources* (K = 2 for a CutMix pair), not over the C
 classes as the official code does: the label path is linear, so the two are exactly equal (tested in
 test_alignment.py), and (B, N, 2) costs nothing next to the (B, N, 1000) the official code carries.
 
-Also here: `mixup` (every token carries the same label, so alignment is the identity and the area
-target is exact) and `transmix_lambda`, the target of TransMix (Chen et al., CVPR 2022), a baseline.
+Names: token_labels (B, N, K) are the tokens' labels over the sources; a label (B, K) is one image's.
+Under `mixup` every token carries the same label, so alignment is the identity and the area label is
+exact. Last, `transmix_label`: the target of TransMix (Chen et al., CVPR 2022), a baseline.
+How right each target is, measured against the objects a mixed image shows, is truth.py.
 Facts of the official code (github.com/Euphoria16/TL-Align) are noted where we match or fix them;
 no code was copied. This file needs only torch.
 """
@@ -50,18 +53,18 @@ def _rand_box(H: int, W: int, lam: float) -> tuple[int, int, int, int]:
 
 def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "grid",
            lam: float | None = None):
-    """CutMix a batch with its flipped self, and give every patch token its source weights.
+    """CutMix a batch with its flipped self, and give every patch token its label over the two sources.
 
     Paper Eq. (1): X~ = M*X1 + (1-M)*X2 with X1 = x, X2 = x.flip(0); M is 1 outside the box.
     mode 'grid': the box is drawn on the patch grid, whole patches are swapped (the official code).
     mode 'pixel': the box is drawn on pixels (timm's CutMix); a patch that straddles the box edge
     gets its pixel shares as a soft token label.
     In both modes lam is recomputed from the clipped box, so it is exactly the pixel share of x
-    and equals the mean of the token weights.
+    and equals the mean of the token labels.
 
     x: (B, C, H, W), H and W multiples of patch_size; it is not modified (the box is pasted into a
     copy). `lam` given skips the Beta draw.
-    Returns x_mixed (B, C, H, W), token_weights (B, N, 2) float32 with N = (H/p)*(W/p) in row-major
+    Returns x_mixed (B, C, H, W), token_labels (B, N, 2) float32 with N = (H/p)*(W/p) in row-major
     order of the patch grid ([..., 0] = share of x, [..., 1] = share of x.flip(0)), and lam (float).
     """
     B, C, H, W = x.shape
@@ -84,99 +87,8 @@ def cutmix(x: torch.Tensor, patch_size: int, alpha: float = 1.0, mode: str = "gr
     lam = 1.0 - (y1 - y0) * (x1 - x0) / (H * W)
 
     share = F.avg_pool2d(mask[None, None], p).flatten()  # (N,) pixel share of x in each patch
-    token_weights = torch.stack([share, 1 - share], dim=-1).expand(B, -1, -1)  # (B, N, 2)
-    return x_mixed, token_weights, lam
-
-
-def cutmix_truth(x: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
-                 mode: str = "grid", lam: float | None = None):
-    """`cutmix`, and how much of each source's object the mixed image really shows, from object masks.
-
-    The paper's premise (Sec. 1, Fig. 1): lam counts pixels, but what a mixed image shows of an image
-    is its visible object. With masks that is measurable: the visible foreground pixels of image 1 and
-    of image 2. The masks and the image index ride through cutmix as extra channels, so the truth
-    follows the very pixels the model sees.
-
-    x: (B, C, H, W); foreground: (B, H, W), 1 on the object; alpha, mode, lam as for `cutmix`. Returns
-    x_mixed, token_weights, lam as `cutmix` does, and visible (B, 2) float: the object pixels of image 1
-    (x) and of image 2 (x.flip(0)) in each mixed image. The true share of image 1 is
-    visible[:, 0] / visible.sum(1) (`true_share`).
-    """
-    B = x.shape[0]
-    fg = foreground[:, None].to(x.dtype)  # (B, 1, H, W)
-    source = torch.arange(B, dtype=x.dtype, device=x.device).view(B, 1, 1, 1).expand_as(fg)
-    mixed, token_weights, lam = cutmix(torch.cat([x, fg, source], 1), patch_size, alpha, mode, lam)
-    fg_mixed, from_1 = mixed[:, -2], mixed[:, -1] == source[:, 0]  # (B, H, W) each
-    visible = torch.stack([(fg_mixed * from_1).sum((1, 2)), (fg_mixed * ~from_1).sum((1, 2))], dim=1)  # (B, 2)
-    return mixed[:, :-2], token_weights, lam, visible
-
-
-def true_share(visible: torch.Tensor) -> torch.Tensor:
-    """The share of image 1 in the visible object pixels, visible (B, 2) -> (B,): NaN where none is visible."""
-    return visible[:, 0] / visible.sum(dim=1)  # 0 / 0 = NaN
-
-
-def oracle_weights(visible: torch.Tensor, lam: float) -> torch.Tensor:
-    """The oracle target, an upper reference and not a method: each source's share of the object pixels
-    the mixed image shows, lam where it shows none. It needs the object masks, which training data lack;
-    with them it is the best any target (area, TransMix, TL-Align) can do. visible: (B, 2). Returns (B, 2)."""
-    total = visible.sum(dim=1, keepdim=True)  # (B, 1)
-    return torch.where(total > 0, visible / total.clamp_min(1), area_weights(lam, len(visible), visible.device))
-
-
-GHOST_WEIGHT = 0.1  # a target that gives at least this to an image none of whose object is visible: a ghost label
-
-
-def target_errors(weights: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """How wrong a batch's targets are, as sums to accumulate on the device (no host read).
-
-    weights: (B, 2) the target's share of each source; visible: (B, 2) from `cutmix_truth`. Counted over
-    the pairs that show some object (where none shows, no target can be right or wrong). Returns (3,)
-    float32: the summed |weights[:, 0] - true share|, the number of those pairs, and the number with a
-    ghost label: a source none of whose object is visible gets at least GHOST_WEIGHT of the target.
-    """
-    shown = visible.sum(dim=1) > 0  # (B,)
-    error = torch.where(shown, (weights[:, 0].float() - true_share(visible)).abs(), 0.0)  # 0 / 0 dropped
-    ghost = shown & ((visible == 0) & (weights.float() >= GHOST_WEIGHT)).any(dim=1)  # (B,)
-    return torch.stack([error.sum(), shown.sum().float(), ghost.sum().float()])
-
-
-@torch.no_grad()
-def target_shares(model, images: torch.Tensor, foreground: torch.Tensor, patch_size: int, alpha: float = 1.0,
-                  mode: str = "grid", pairs_per_box: int = 8, seed: int = 0, class_token: bool = True):
-    """How right each target is: over CutMix pairs of `images`, the true share of image 1 (see
-    `cutmix_truth`) and the share each target gives it.
-
-    Consecutive groups of pairs_per_box images are mixed with one box each (drawn from `seed`, the
-    caller's RNG untouched). model(x, token_weights) must return (logits, label), and with
-    return_cls_attn=True also the class-token attention if class_token (then TransMix is measured).
-    images: (n, C, H, W) normalized, foreground: (n, H, W). Returns {'truth', 'area', 'tl', 'transmix'
-    (None without a class token)}: (m,) float32 tensors on the CPU, the pairs with no visible object
-    dropped.
-    """
-    device = next(model.parameters()).device
-    out = {"truth": [], "area": [], "tl": [], "transmix": []}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for start in range(0, len(images) - pairs_per_box + 1, pairs_per_box):
-            x, fg = images[start:start + pairs_per_box], foreground[start:start + pairs_per_box]
-            xm, w, lam, visible = cutmix_truth(x, fg, patch_size, alpha, mode)
-            truth = true_share(visible)
-            keep = truth.isfinite()
-            result = model(xm.to(device), w.to(device), **({"return_cls_attn": True} if class_token else {}))
-            out["truth"].append(truth[keep])
-            out["area"].append(torch.full((int(keep.sum()),), lam))
-            out["tl"].append(result[1][:, 0].float().cpu()[keep])
-            if class_token:
-                out["transmix"].append(transmix_lambda(result[2].float().cpu(), w, lam)[:, 0][keep])
-    return {k: (torch.cat(v) if v else None) for k, v in out.items()}
-
-
-def share_errors(shares: dict) -> dict:
-    """Mean absolute error of each target's share against the truth, from `target_shares`' output:
-    {'area', 'tl', 'transmix'} floats, None for a target that was not measured."""
-    return {k: (None if shares.get(k) is None else (shares[k] - shares["truth"]).abs().mean().item())
-            for k in ("area", "tl", "transmix")}
+    token_labels = torch.stack([share, 1 - share], dim=-1).expand(B, -1, -1)  # (B, N, 2)
+    return x_mixed, token_labels, lam
 
 
 def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
@@ -190,7 +102,19 @@ def mixup(x: torch.Tensor, alpha: float = 0.8, lam: float | None = None):
     return x.mul(lam).add_(x.flip(0), alpha=1 - lam), lam
 
 
-def attend_labels(attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def area_label(lam: float, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The area label of a CutMix / Mixup pair, paper Eq. (1): y~ = lam*y1 + (1-lam)*y2, as (B, 2) float32
+    shares of the two sources: the baseline TL-Align corrects.
+
+    Built by fill kernels on the device: torch.tensor([lam, ...], device='cuda') would be a blocking
+    host-to-device copy every step.
+    """
+    label = torch.full((batch_size, 2), 1.0 - lam, device=device)
+    label[:, 0] = lam
+    return label
+
+
+def attend_labels(attn: torch.Tensor, token_labels: torch.Tensor) -> torch.Tensor:
     """Labels follow the values through one attention layer: Y_attn = mean_h(A) Y.
 
     Paper Sec. 3, Fig. 2: A is the attention averaged over heads (softmax weights, before dropout),
@@ -198,66 +122,36 @@ def attend_labels(attn: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     autocast (the official code runs it in fp16). The fused path (vit.fused_attention) gets the same
     Y_attn from the attention kernel itself, with the labels riding along as extra value columns.
 
-    attn: (B, h, N, N) softmax weights, labels: (B, N, K) float32. Returns (B, N, K) float32.
+    attn: (B, h, N, N) softmax weights, token_labels: (B, N, K) float32. Returns (B, N, K) float32.
     """
-    with torch.autocast(device_type=labels.device.type, enabled=False):
+    with torch.autocast(device_type=token_labels.device.type, enabled=False):
         A = attn.detach().mean(dim=1, dtype=torch.float32)  # (B, N, N), no larger than one head's map
-        return A @ labels
+        return A @ token_labels
 
 
-def align_labels(labels: torch.Tensor, labels_attn: torch.Tensor) -> torch.Tensor:
+def align_labels(token_labels: torch.Tensor, labels_attn: torch.Tensor) -> torch.Tensor:
     """The residual connection around attention, on labels: Y <- (Y + Y_attn) / 2.
 
     The fixed weight 1/2 is the official code's (paper Sec. 3). LayerNorm, the MLP and the output
     projection act on each token alone and leave labels unchanged, so with `attend_labels` this is a
     whole transformer block. labels, labels_attn: (B, N, K). Returns (B, N, K).
     """
-    return 0.5 * (labels + labels_attn)
+    return 0.5 * (token_labels + labels_attn)
 
 
-def transmix_lambda(cls_attn: torch.Tensor, token_weights: torch.Tensor, lam: float) -> torch.Tensor:
-    """TransMix's label weight of image 1 (Chen et al., CVPR 2022), a baseline for class-token models.
-
-    a = the class token's attention to the N patch tokens in the last block (mean over heads, before
-    dropout, detached), renormalised over the patches; lam_attn = sum_i a_i * w_i1, the attention mass
-    on image 1. TransMix's code trains with lam = (lam_area + lam_attn) / 2. With soft edge tokens
-    (CutMix mode 'pixel') w_i1 is the pixel share; TransMix's own code rounds every token to 0 or 1.
-
-    cls_attn: (B, N) or (B, h, N); token_weights: (B, N, 2). Returns (B, 2) weights over the sources.
-    """
-    a = cls_attn.detach().float()
-    if a.dim() == 3:
-        a = a.mean(dim=1)  # (B, N)
-    a = a / a.sum(dim=-1, keepdim=True)
-    lam_attn = (a * token_weights[..., 0]).sum(dim=-1)  # (B,)
-    lam_mix = 0.5 * (lam + lam_attn)
-    return torch.stack([lam_mix, 1 - lam_mix], dim=-1)
-
-
-def area_weights(lam: float, batch_size: int, device: torch.device) -> torch.Tensor:
-    """The plain CutMix / Mixup label (paper Eq. (1): y~ = lam*y1 + (1-lam)*y2) as (B, 2) float32 weights.
-
-    Built by fill kernels on the device: torch.tensor([lam, ...], device='cuda') would be a blocking
-    host-to-device copy every step.
-    """
-    weights = torch.full((batch_size, 2), 1.0 - lam, device=device)
-    weights[:, 0] = lam
-    return weights
-
-
-def class_target(weights: torch.Tensor, source_labels: torch.Tensor, num_classes: int,
+def class_target(label: torch.Tensor, source_labels: torch.Tensor, num_classes: int,
                  smoothing: float = 0.0) -> torch.Tensor:
-    """Soft class target t = sum_k w_k * smooth(onehot(y_k)).
+    """Soft class target t = sum_k label_k * smooth(onehot(y_k)): a label over sources made a class distribution.
 
     Label smoothing is applied once, to the one-hot source labels: smooth(e) = (1-eps) e + eps / C.
-    weights: (B, K) over sources (rows sum to 1); source_labels: (B, K) class indices, e.g.
+    label: (B, K) shares of the sources (rows sum to 1); source_labels: (B, K) class indices, e.g.
     torch.stack([y, y.flip(0)], 1) for a CutMix pair. Returns (B, num_classes) float32.
     """
     onehot = F.one_hot(source_labels, num_classes).float()  # (B, K, C)
     onehot = onehot * (1.0 - smoothing) + smoothing / num_classes
     # a broadcast product and a sum, not einsum: autocast would run einsum as a bf16 / fp16 bmm, whose
     # rounding (~2e-3) is as large as TL-Align's whole correction |label - lam|
-    return (weights.float()[:, :, None] * onehot).sum(dim=1)  # (B, C) float32 under any autocast
+    return (label.float()[:, :, None] * onehot).sum(dim=1)  # (B, C) float32 under any autocast
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -266,3 +160,22 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     logits, target: (B, C). Returns a scalar; the log-softmax is taken in float32.
     """
     return -(target * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def transmix_label(cls_attn: torch.Tensor, token_labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """TransMix's label (Chen et al., CVPR 2022), a baseline for class-token models.
+
+    a = the class token's attention to the N patch tokens in the last block (mean over heads, before
+    dropout, detached), renormalised over the patches; lam_attn = sum_i a_i * w_i1, the attention mass
+    on image 1. TransMix's code trains with lam = (lam_area + lam_attn) / 2. With soft edge tokens
+    (CutMix mode 'pixel') w_i1 is the pixel share; TransMix's own code rounds every token to 0 or 1.
+
+    cls_attn: (B, N) or (B, h, N); token_labels: (B, N, 2). Returns the label (B, 2): shares of the sources.
+    """
+    a = cls_attn.detach().float()
+    if a.dim() == 3:
+        a = a.mean(dim=1)  # (B, N)
+    a = a / a.sum(dim=-1, keepdim=True)
+    lam_attn = (a * token_labels[..., 0]).sum(dim=-1)  # (B,)
+    lam_mix = 0.5 * (lam + lam_attn)
+    return torch.stack([lam_mix, 1 - lam_mix], dim=-1)

@@ -22,7 +22,7 @@ Anything else raises ValueError rather than give a wrong label: Swin and other w
 (vit.py's Swin carries labels itself), rope or relative-position attention, attention masks, patch
 dropout, a label grid that does not match the tokens, a pooling whose label is not a token mean.
 As in vit.py, the labels follow the attention before its dropout, and DropPath is ignored on the label
-path (the official code's choices, PAPER.md).
+path (the official code's choices: github.com/Euphoria16/TL-Align).
 
 Facts read off the timm and transformers sources (module names, token order, SDPA's default scale);
 no code was copied.
@@ -38,7 +38,6 @@ import torch
 import torch.nn as nn
 
 import tl_align as tl
-import vit
 
 SUPPORTED = ("timm VisionTransformer / VisionTransformerDistilled whose blocks use timm.layers.Attention "
              "(global_pool 'token' or 'avg'), transformers >= 5 ViTForImageClassification and "
@@ -165,10 +164,12 @@ def watch(layer: Watch, tracker: LabelTracker) -> list:
 def plan_for(model: nn.Module) -> Plan:
     """The Plan of a supported model; ValueError naming what is supported for any other.
 
-    timm and transformers are looked up among the modules the program has already imported: a model
-    of either library implies its module is loaded, and this file needs neither to be installed.
+    timm, transformers and this repository's vit.py are looked up among the modules the program has
+    already imported: a model of one implies its module is loaded, so this file needs none of them and
+    can be copied beside tl_align.py alone.
     """
-    if isinstance(model, vit.VisionTransformer):
+    own_vit = sys.modules.get("vit")
+    if own_vit is not None and isinstance(model, getattr(own_vit, "VisionTransformer", ())):
         return vit_plan(model)
     timm_vit = sys.modules.get("timm.models.vision_transformer")
     if timm_vit is not None and isinstance(model, timm_vit.VisionTransformer):

@@ -15,8 +15,8 @@ The target of a CutMix batch is chosen by --target (paper Sec. 3): `tl_align`, t
 label; `area`, CutMix's lam (paper Eq. (1)); `transmix`, TransMix's attention lam. Mixup batches always
 use the area target, which is exact for them (tl_align.mixup).
 
---finetune starts a new run from weights in any of the usual files (load_checkpoint), adapted to the
-model's image size, windows, channels and classes (vit.adapt_state_dict).
+--finetune starts a new run from weights in any of the usual files, adapted to the model's image size,
+windows, channels and classes (checkpoint.py, which also writes and reads the run's own checkpoints).
 """
 import argparse
 import inspect
@@ -33,8 +33,11 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import data
+import imagenet
 import tl_align as tl
+import truth
 import vit
 
 # Per data set: the model, schedule and regularisation that make `python train.py --data X` right.
@@ -63,7 +66,7 @@ RECIPES = {
     "imagenet":      dict(model="deit_s", epochs=300, batch_size=128, lr=5e-4, lr_batch=512, warmup_epochs=5,
                           weight_decay=0.05, smoothing=0.1, drop_path=0.1, clip_grad=None, mix="cutmix",
                           augment=True, sched="epoch", warmup_lr=1e-6, min_lr=1e-5, scale_ends=False,
-                          warmup_prefix=False, repeats=3),  # DeiT's transforms (data.load_imagenet)
+                          warmup_prefix=False, repeats=3),  # DeiT's transforms (imagenet.load_imagenet)
 }
 RECIPES["mnist"] = RECIPES["fashion_mnist_small"] = RECIPES["fashion_mnist"]
 RECIPES["cifar100"] = RECIPES["cifar10"]
@@ -81,7 +84,10 @@ class UserError(Exception):
     """A problem the user can fix; main() prints its one-line message and exits with code 2."""
 
 
-def get_args(argv=None):
+def get_args(argv=None, world=None):
+    """The run's whole configuration, resolved once: the flags, the data set's recipe where a flag is not
+    given, the device, the world size (torchrun's WORLD_SIZE unless given) and the rates scaled to the
+    global batch. Nothing changes it afterwards."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default="synthetic", choices=list(data.DATASETS))
     p.add_argument("--data-path", default=None, help="data directory (default: the data set's own)")
@@ -150,6 +156,9 @@ def get_args(argv=None):
     args.sched, args.warmup_prefix = recipe["sched"], recipe["warmup_prefix"]
     if args.workers is None:
         args.workers = default_workers()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    args.lr, args.warmup_lr, args.min_lr = rates(args)
     return args
 
 
@@ -199,11 +208,8 @@ def check_args(args):
 # ----------------------------------------------------------------------------- set-up
 
 def setup_distributed(args):
-    """(rank, world_size, device): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    """(rank, device): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -213,21 +219,22 @@ def setup_distributed(args):
             raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
         device = torch.device("cuda", local if device.index is None else device.index)  # one GPU per process
         torch.cuda.set_device(device)
-    if world > 1:
+    if args.world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
+    return rank, device
 
 
-def build_data(args, rank, world, device):
-    """Train and val loaders, the val set itself (for label accuracy) and the data set's facts."""
+def build_data(args, rank, device):
+    """Train and val loaders, the val set itself (for the label errors) and the data set's facts."""
+    world = args.world
     info = data.DATASETS[args.data]
     if args.data == "imagenet":
         if args.data_path is None:
             raise UserError("--data imagenet needs --data-path DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG)")
         # any folders in ImageNet's layout: the size is free, the classes are the folders
         info = dict(info, img_size=args.img_size or info["img_size"])
-        train_set = data.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
-        val_set = data.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
+        train_set = imagenet.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
+        val_set = imagenet.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
         info["num_classes"] = len(train_set.classes)
         if args.subset is not None:
             # validation covers every class: so must training, or those classes can only be got wrong
@@ -235,8 +242,8 @@ def build_data(args, rank, world, device):
                 raise UserError(f"--subset {args.subset} is fewer than the {info['num_classes']} classes of "
                                 f"{args.data_path}/train: every class needs a training image; give at least "
                                 f"{info['num_classes']}")
-            train_set = torch.utils.data.Subset(train_set, data.class_balanced_subset(train_set.targets,
-                                                                                      args.subset, args.seed))
+            train_set = torch.utils.data.Subset(train_set, imagenet.class_balanced_subset(train_set.targets,
+                                                                                          args.subset, args.seed))
         # repeats 1: DistributedSampler(drop_last=False)'s indices
         sampler = data.RepeatedAugSampler(train_set, world, rank, args.repeats, args.seed)
         # workers restart every epoch, seeded from the epoch's RNG, so that a resumed run repeats them
@@ -313,14 +320,13 @@ def cosine_lr(t, lr, warmup_t, total_t, warmup_lr, min_lr, prefix):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (t - start) / (total_t - start)))
 
 
-def set_rates(args, world):
-    """args.lr (unless given), args.warmup_lr and args.min_lr: the recipe's, scaled to the global batch."""
-    scale = args.batch_size * world / args.lr_recipe[1]  # linear scaling
-    if args.lr is None:
-        args.lr = args.lr_recipe[0] * scale
+def rates(args):
+    """(lr, warmup_lr, min_lr): --lr or the recipe's, and the schedule's ends, scaled to the global batch."""
+    scale = args.batch_size * args.world / args.lr_recipe[1]  # linear scaling
+    lr = args.lr_recipe[0] * scale if args.lr is None else args.lr
     warmup_lr, min_lr, scaled = args.lr_ends
     # the ends never above the peak: a --lr below DeiT's floor of 1e-5 decays to itself, not upwards
-    args.warmup_lr, args.min_lr = (min(end * (scale if scaled else 1), args.lr) for end in (warmup_lr, min_lr))
+    return lr, *(min(end * (scale if scaled else 1), lr) for end in (warmup_lr, min_lr))
 
 
 def schedule(args, steps_per_epoch):
@@ -342,61 +348,16 @@ def schedule(args, steps_per_epoch):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path):
-    """Write to a temporary file, then rename: a kill at any moment leaves the old or the new file."""
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    """{'model': state dict, ...} from a file, loaded without running code from it.
-
-    Reads train.py's checkpoint.pt / best.pt, DeiT's and the official TL-Align's .pth ({'model': state
-    dict}; their training checkpoints add 'optimizer', 'epoch' and 'args', an argparse.Namespace made a
-    dict here), a bare state dict (timm's .pth / .bin) and .safetensors (needs the safetensors package).
-    """
-    if not os.path.isfile(path):
-        what = "is a directory" if os.path.isdir(path) else "not found"
-        raise UserError(f"checkpoint {path} {what}; give the path of a checkpoint file")
-    if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise UserError(f"{path}: reading .safetensors files needs the safetensors package "
-                            f"(pip install safetensors)") from None
-    try:
-        if path.endswith(".safetensors"):
-            ckpt = load_file(path)
-        else:  # weights_only: tensors and plain containers, plus the Namespace of DeiT's checkpoints
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not a "
-                        f"checkpoint: use another file") from None
-    if isinstance(ckpt, dict) and "model" not in ckpt:
-        ckpt = {"model": ckpt}  # a bare state dict
-    weights = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserError(f"checkpoint {path} holds no model weights: neither a state dict nor a dict with one "
-                        f"under 'model'")
-    if isinstance(ckpt.get("args"), argparse.Namespace):
-        ckpt["args"] = vars(ckpt["args"])
-    return ckpt
-
-
 def finetune_from(model, args, log):
-    """Load the --finetune weights into a new model, adapted to it (vit.adapt_state_dict), strictly.
+    """Load the --finetune weights into a new model, adapted to it (checkpoint.load_adapted), strictly.
 
     The classifier is re-initialised if the class count differs, except with --eval, where it must fit.
     """
     try:
-        state, notes = vit.adapt_state_dict(load_checkpoint(args.finetune)["model"], model,
-                                            reset_head=not args.eval)
+        notes = checkpoint.load_adapted(model, args.finetune, reset_head=not args.eval)
     except ValueError as e:
         raise UserError(f"--finetune {args.finetune} does not fit --model {args.model} on --data {args.data}: "
                         f"{e}") from None
-    model.load_state_dict(state, strict=True)  # nothing is skipped: every parameter fits, or we stopped above
     for note in notes:
         log(f"finetune: {note}")
 
@@ -440,10 +401,10 @@ def evaluate(model, loader, device, autocast):
 
 
 @torch.no_grad()
-def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs_per_box=64):
+def label_errors(model, val_set, args, device, autocast, num_images=512, pairs_per_box=64):
     """Mean absolute error of each target's share of image 1 against the visible-foreground truth.
 
-    The paper's analysis of how right a target is (tl_align.target_shares), on the same CutMix pairs
+    The paper's analysis of how right a target is (truth.target_shares), on the same CutMix pairs
     of validation images every epoch. Returns {'area': mae, 'tl': mae, 'transmix': mae or None}, or
     None if the data set has no masks.
     """
@@ -453,10 +414,9 @@ def label_accuracy(model, val_set, args, device, autocast, num_images=512, pairs
     info = val_set.info
     x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
     with autocast:
-        shares = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
-                                  args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345,
-                                  class_token=isinstance(model, vit.VisionTransformer))
-    return tl.share_errors(shares)
+        shares = truth.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size,
+                                     args.cutmix_alpha, args.cutmix_mode, pairs_per_box, seed=12345)
+    return truth.share_errors(shares)
 
 
 # ----------------------------------------------------------------------------- training
@@ -469,48 +429,51 @@ def batch_mix(mix):
     return "cutmix" if torch.rand(()).item() < 0.5 else "mixup"
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, autocast, num_classes,
-                    patch_size, epoch, log):
+def train_step(model, x, y, masks, patch_size, args):
+    """One batch's loss (paper Sec. 3): mix it, carry the token labels through the model, train on the label.
+
+    x: (B, C, H, W), y: (B,), masks: (B, H, W) object masks or None. Returns the loss, the label that the
+    target gave each image over its two sources (B, 2), and the object pixels of each source that the
+    mixed image shows (B, 2) (None without masks or CutMix).
+    """
+    mix, visible = batch_mix(args.mix), None
+    if mix == "cutmix":
+        if masks is None:  # paper Eq. (1), and each token's label over the two images
+            x, token_labels, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
+        else:  # the same draws and pixels, and what each mixed image shows of each object
+            x, token_labels, lam, visible = truth.cutmix_truth(x, masks, patch_size, args.cutmix_alpha,
+                                                               args.cutmix_mode)
+        logits, label, cls_attn = model(x, token_labels)  # label: aligned through every block (B, 2)
+        if args.target == "area":
+            label = tl.area_label(lam, len(x), x.device)
+        elif args.target == "transmix":
+            label = tl.transmix_label(cls_attn, token_labels, lam)
+        elif args.target == "oracle":  # an upper reference: the truth, known only where masks exist
+            label = truth.oracle_label(visible, lam)
+    else:  # Mixup or none: every token carries the same label, so the area label is exact
+        x, lam = tl.mixup(x, args.mixup_alpha) if mix == "mixup" else (x, 1.0)
+        logits, label = model(x), tl.area_label(lam, len(x), x.device)
+    target = tl.class_target(label, torch.stack([y, y.flip(0)], dim=1), logits.shape[-1], args.smoothing)
+    return tl.soft_cross_entropy(logits, target), label, visible
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, autocast, patch_size, epoch,
+                    log):
     """One pass over the training data; returns (mean loss, images per second, last lr, target errors).
 
-    Target errors, on data with object masks: the summed tl.target_errors of the CutMix batches' targets
+    Target errors, on data with object masks: the summed truth.target_errors of the CutMix batches' labels
     against the shares of the objects they show, a list of 3; None without masks.
     """
     model.train()
-    # summed loss, non-finite losses, then tl.target_errors' three sums: on the device, read when logging
+    # summed loss, non-finite losses, then truth.target_errors' three sums: on the device, read when logging
     sums = torch.zeros(5, device=device)
     seen, last_log, t0 = 0, 0, time.time()
     steps = len(loader)
     for step, (x, y, *masks) in enumerate(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        fg = masks[0].to(device, non_blocking=True) if masks else None  # (B, H, W) object masks, if the data has
-        B = x.shape[0]
-        mix = batch_mix(args.mix)
-        sources = torch.stack([y, y.flip(0)], dim=1)  # (B, 2): the two images of every pair
+        masks = masks[0].to(device, non_blocking=True) if masks else None  # (B, H, W), if the data has them
         with autocast:
-            if mix == "cutmix":
-                if fg is None:
-                    x, w, lam = tl.cutmix(x, patch_size, args.cutmix_alpha, args.cutmix_mode)
-                else:  # the same draws and pixels, and what each mixed image shows of each object
-                    x, w, lam, visible = tl.cutmix_truth(x, fg, patch_size, args.cutmix_alpha, args.cutmix_mode)
-                if args.target == "tl_align":
-                    logits, weights = model(x, w)  # the class token's aligned label (B, 2)
-                elif args.target == "transmix":
-                    logits, cls_attn = model(x, return_cls_attn=True)
-                    weights = tl.transmix_lambda(cls_attn, w, lam)
-                elif args.target == "oracle":  # an upper reference: the truth, known only where masks exist
-                    logits, weights = model(x), tl.oracle_weights(visible, lam)
-                else:
-                    logits, weights = model(x), tl.area_weights(lam, B, device)
-                if fg is not None:
-                    sums[2:] += tl.target_errors(weights, visible)
-            elif mix == "mixup":  # every token has the same label: the area target is exact
-                x, lam = tl.mixup(x, args.mixup_alpha)
-                logits, weights = model(x), tl.area_weights(lam, B, device)
-            else:
-                logits, weights = model(x), tl.area_weights(1.0, B, device)
-            target = tl.class_target(weights, sources, num_classes, args.smoothing)
-            loss = tl.soft_cross_entropy(logits, target)
+            loss, label, visible = train_step(model, x, y, masks, patch_size, args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad:
@@ -520,8 +483,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        sums[:2] += torch.stack([loss.detach() * B, (~torch.isfinite(loss.detach())).float()])
-        seen += B
+        sums[:2] += torch.stack([loss.detach() * len(x), (~torch.isfinite(loss.detach())).float()])
+        if visible is not None:
+            sums[2:] += truth.target_errors(label, visible)
+        seen += len(x)
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             # the loop's only host read, every --log-every steps: a step never waits for the device.
             # A non-finite loss is caught here, up to --log-every steps late; the model is then spoilt,
@@ -536,27 +501,14 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
                                 f"--clip-grad or --amp off")
             last_log, rate = step + 1, seen * args.world / (time.time() - t0)
             log(f"epoch {epoch} [{step + 1}/{steps}] loss {loss_sum / (seen * args.world):.4f} "
-                f"lr {lr:.2e} {rate:.0f} img/s eta {(steps - step - 1) * B * args.world / rate:.0f}s")
-    return loss_sum / (seen * args.world), rate, lr, (errors if fg is not None else None)
+                f"lr {lr:.2e} {rate:.0f} img/s eta {(steps - step - 1) * len(x) * args.world / rate:.0f}s")
+    return loss_sum / (seen * args.world), rate, lr, (errors if masks is not None else None)
 
 
-def run(args):
-    check_args(args)
-    rank, world, device = setup_distributed(args)
-    args.world = world
-    log = print if rank == 0 else (lambda *a, **k: None)
-    if rank == 0 and not args.eval:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--output-dir {args.output_dir} cannot be created ({e.strerror}); "
-                            f"choose a writable directory") from None
-    torch.manual_seed(args.seed)
-    train_loader, val_loader, val_set, info = build_data(args, rank, world, device)
-    if len(train_loader) == 0:
-        per_rank = train_loader.num_samples if isinstance(train_loader, data.Loader) else len(train_loader.sampler)
-        raise UserError(f"no training step: {per_rank} training samples per process are fewer than "
-                        f"--batch-size {args.batch_size}; lower --batch-size or raise --subset")
+# ----------------------------------------------------------------------------- the run, phase by phase
+
+def build_model(args, info, log):
+    """The model of --model for the data, with the --finetune weights if given."""
     window = {"window_size": args.window_size} if args.window_size else {}
     try:
         model = vit.create_model(args.model, num_classes=info["num_classes"], img_size=info["img_size"],
@@ -566,53 +518,108 @@ def run(args):
         raise UserError(f"--model {args.model} on --data {args.data}: {e}") from None
     if args.finetune:
         finetune_from(model, args, log)
-    model.to(device)
-    set_rates(args, world)
+    return model
+
+
+def build_optimizer(args, model, device, steps_per_epoch):
+    """AdamW with the recipe's schedule, the autocast context and the fp16 loss scaler: (optimizer,
+    scheduler, scaler, autocast, amp)."""
     # fused: one kernel for all parameters, and under fp16 the GradScaler's inf check stays on the device
     # (the unfused step reads it on the host every step)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
                                   fused=device.type in ("cuda", "cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args, len(train_loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args, steps_per_epoch))
     amp = auto_amp(device) if args.amp == "auto" else args.amp
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")  # bf16 needs no loss scaling
+    return optimizer, scheduler, scaler, autocast, amp
 
-    start_epoch, best = 0, 0.0
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError:
-            raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
-                            f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')}); --finetune "
-                            f"adapts weights of another size, class or channel count") from None
-        if not args.eval:
-            if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
-                raise UserError(f"{args.resume} holds weights only (best.pt?): resume from checkpoint.pt, "
-                                f"evaluate it with --eval or start a new run from it with --finetune")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
-                scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, best = ckpt["epoch"] + 1, ckpt["best_top1"]
-            if start_epoch >= args.epochs:
-                raise UserError(f"{args.resume} has finished epoch {ckpt['epoch']} of --epochs {args.epochs}: "
-                                f"nothing left to train; raise --epochs to continue")
+
+def resume_from(args, model, optimizer, scheduler, scaler):
+    """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best)."""
+    ckpt = checkpoint.load_checkpoint(args.resume)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
+                        f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')}); --finetune "
+                        f"adapts weights of another size, class or channel count") from None
     if args.eval:
-        top1, top5 = evaluate(model, val_loader, device, autocast)
-        log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
-        return
-    raw = model
-    if world > 1:
+        return 0, 0.0
+    if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
+        raise UserError(f"{args.resume} holds weights only (best.pt?): resume from checkpoint.pt, "
+                        f"evaluate it with --eval or start a new run from it with --finetune")
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
+        scaler.load_state_dict(ckpt["scaler"])
+    start_epoch = ckpt["epoch"] + 1
+    if start_epoch >= args.epochs:
+        raise UserError(f"{args.resume} has finished epoch {ckpt['epoch']} of --epochs {args.epochs}: "
+                        f"nothing left to train; raise --epochs to continue")
+    return start_epoch, ckpt["best_top1"]
+
+
+def distribute(args, model, device):
+    """The model as the step runs it: wrapped in DDP across processes, compiled with --compile."""
+    if args.world > 1:
         # buffers are constants (position indices, shift masks): nothing to broadcast
         keep_buffers = {"forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters
                         else "broadcast_buffers": False}  # renamed in torch 2.14
         model = DDP(model, device_ids=[device] if device.type == "cuda" else None, **keep_buffers)
     if args.compile:  # after DDP, so that compiled graphs overlap the gradient all-reduce
         model = torch.compile(model)
+    return model
+
+
+def log_epoch(args, epoch, train_loss, rate, lr, errors, top1, top5, mae, seconds, log):
+    """Append the epoch's record to log.jsonl and print its line.
+
+    train_target_*: how right the labels this run trained on were (CutMix batches, data with masks): the
+    mean |share of image 1 - true share| over pairs showing some object, and the share of those pairs
+    with a ghost label (truth.target_errors).
+    """
+    error_sum, shown, ghosts = errors or (0, 0, 0)
+    record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
+                  lr=lr, epoch_time_s=seconds, img_per_s=rate,
+                  label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
+                  label_mae_transmix=mae and mae["transmix"],
+                  train_target_mae=error_sum / shown if shown else None,
+                  train_ghost_rate=ghosts / shown if shown else None)
+    with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    val = "" if top1 is None else f" val top-1 {top1:.2f}% top-5 {top5:.2f}%"
+    maes = "" if mae is None else " label MAE " + " ".join(f"{k} {v:.4f}" for k, v in mae.items() if v is not None)
+    log(f"epoch {epoch}: train loss {train_loss:.4f}{val}{maes} ({seconds:.0f}s, {rate:.0f} img/s)")
+
+
+def run(args):
+    check_args(args)
+    rank, device = setup_distributed(args)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    if rank == 0 and not args.eval:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output-dir {args.output_dir} cannot be created ({e.strerror}); "
+                            f"choose a writable directory") from None
+    torch.manual_seed(args.seed)
+    train_loader, val_loader, val_set, info = build_data(args, rank, device)
+    if len(train_loader) == 0:
+        per_rank = train_loader.num_samples if isinstance(train_loader, data.Loader) else len(train_loader.sampler)
+        raise UserError(f"no training step: {per_rank} training samples per process are fewer than "
+                        f"--batch-size {args.batch_size}; lower --batch-size or raise --subset")
+    raw = build_model(args, info, log).to(device)
+    optimizer, scheduler, scaler, autocast, amp = build_optimizer(args, raw, device, len(train_loader))
+    start_epoch, best = resume_from(args, raw, optimizer, scheduler, scaler) if args.resume else (0, 0.0)
+    if args.eval:
+        top1, top5 = evaluate(raw, val_loader, device, autocast)
+        log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
+        return
+    model = distribute(args, raw, device)
     log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
-        f"{len(train_loader)} steps of {args.batch_size} x {world} per epoch, {args.epochs} epochs, "
+        f"{len(train_loader)} steps of {args.batch_size} x {args.world} per epoch, {args.epochs} epochs, "
         f"lr {args.lr:.2e}, mix {args.mix}, target {args.target}, {device}, amp {amp}"
         f"{', compiled' if args.compile else ''}{f', {args.repeats} repeats' if args.repeats > 1 else ''}")
     if rank == 0:
@@ -622,43 +629,23 @@ def run(args):
         # the RNG is a function of (seed, epoch, rank): a resumed run repeats the same draws, so the
         # checkpoint needs no RNG state
         torch.manual_seed(data.derive_seed(args.seed, epoch, rank))
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
-        else:
-            train_loader.sampler.set_epoch(epoch)
+        (train_loader if hasattr(train_loader, "set_epoch") else train_loader.sampler).set_epoch(epoch)
         t0 = time.time()
-        train_loss, rate, lr, errors = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args, device,
-                                               autocast, info["num_classes"], raw.patch_embed.patch_size,
-                                               epoch, log)
+        train_loss, rate, lr, errors = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args,
+                                                       device, autocast, raw.patch_embed.patch_size, epoch, log)
         top1 = top5 = mae = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             top1, top5 = evaluate(raw, val_loader, device, autocast)
-            mae = label_accuracy(raw, val_set, args, device, autocast) if rank == 0 else None
+            mae = label_errors(raw, val_set, args, device, autocast) if rank == 0 else None
             best = max(best, top1)
         if rank == 0:
-            error_sum, shown, ghosts = errors or (0, 0, 0)
-            # train_target_*: how right the targets this run trained on were (CutMix batches, masked data):
-            # mean |share of image 1 - true share| over pairs showing some object, and the share of pairs
-            # with a ghost label (tl.target_errors)
-            record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
-                          lr=lr, epoch_time_s=time.time() - t0, img_per_s=rate,
-                          label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
-                          label_mae_transmix=mae and mae["transmix"],
-                          train_target_mae=error_sum / shown if shown else None,
-                          train_ghost_rate=ghosts / shown if shown else None)
-            with open(os.path.join(args.output_dir, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            log_epoch(args, epoch, train_loss, rate, lr, errors, top1, top5, mae, time.time() - t0, log)
             if top1 == best:  # before checkpoint.pt, whose best_top1 must describe a best.pt on disk
-                save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
-                            os.path.join(args.output_dir, "best.pt"))
+                checkpoint.save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
+                                       os.path.join(args.output_dir, "best.pt"))
             ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                         scaler=scaler.state_dict(), epoch=epoch, best_top1=best, args=saved_args)
-            save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
-            val = "" if top1 is None else f" val top-1 {top1:.2f}% top-5 {top5:.2f}%"
-            maes = "" if mae is None else " label MAE " + " ".join(
-                f"{k} {v:.4f}" for k, v in mae.items() if v is not None)
-            log(f"epoch {epoch}: train loss {train_loss:.4f}{val}{maes} "
-                f"({record['epoch_time_s']:.0f}s, {rate:.0f} img/s)")
+            checkpoint.save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
     log(f"done: best val top-1 {best:.2f}%, last {top1:.2f}%; checkpoints in {args.output_dir}")
     if dist.is_initialized():
         dist.barrier()  # no rank tears the process group down while rank 0 still saves and logs
@@ -668,7 +655,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         run(args)
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, checkpoint.CheckpointError) as e:
         where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
         sys.exit(2)

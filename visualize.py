@@ -23,7 +23,7 @@ import sys
 import torch
 
 import data
-import tl_align as tl
+import truth
 import vit
 
 
@@ -54,7 +54,7 @@ def blocks_of(model):
     return list(model.blocks) if isinstance(model, vit.VisionTransformer) else [b for s in model.layers for b in s.blocks]
 
 
-def trace_labels(model, x, token_weights):
+def trace_labels(model, x, token_labels):
     """The token labels after every block: a list over blocks of the share of image 1 per token on the
     token grid (B, h, w), and the classifier's share of image 1 per block (B, L + 1), input included."""
     grids, heads = [], []
@@ -72,21 +72,20 @@ def trace_labels(model, x, token_weights):
     hooks = [b.register_forward_hook(keep) for b in blocks_of(model)]
     try:
         with torch.no_grad():
-            model(x, token_weights)
+            model(x, token_labels)
     finally:
         for h in hooks:
             h.remove()
-    first = token_weights[..., 0]
+    first = token_labels[..., 0]
     side = int(first.shape[1] ** 0.5)
     return [first.reshape(-1, side, side)] + grids, torch.stack([first.mean(1)] + heads, dim=1)
 
 
 def shares(model, val_set, num_images, alpha=1.0, mode="grid", seed=0):
-    """tl_align.target_shares on the first num_images validation images (one box per 8 pairs)."""
+    """truth.target_shares on the first num_images validation images (one box per 8 pairs)."""
     info = val_set.info
     x = data.normalize(val_set.images[:num_images], info["mean"], info["std"])
-    s = tl.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size, alpha, mode, seed=seed,
-                         class_token=isinstance(model, vit.VisionTransformer))
+    s = truth.target_shares(model, x, val_set.masks[:num_images], model.patch_embed.patch_size, alpha, mode, seed=seed)
     return {k: v for k, v in s.items() if v is not None}
 
 
@@ -110,9 +109,9 @@ def tokens_figure(plt, model, args, val_set, num_pairs, box_lam, seed, path):
         masks = val_set.masks[pair].bool()  # (2, H, W)
         source = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, *masks.shape[1:])
         # the image index rides along as a channel: it tells which image each mixed pixel shows
-        xs, w, lam, visible = tl.cutmix_truth(torch.cat([x, source], 1), masks, p, mode=args["cutmix_mode"],
+        xs, w, lam, visible = truth.cutmix_truth(torch.cat([x, source], 1), masks, p, mode=args["cutmix_mode"],
                                               lam=box_lam)
-        truth = tl.true_share(visible)
+        share = truth.true_share(visible)  # (2,) the visible share of image 1
         xm, from_1 = xs[:, :-1], xs[0, -1] == 0  # (2, C, H, W), (H, W)
         grids, head = trace_labels(model, xm, w)
         ax = axes[row]
@@ -121,7 +120,7 @@ def tokens_figure(plt, model, args, val_set, num_pairs, box_lam, seed, path):
         truth_map[..., 0] = (masks[0] & from_1).float()
         truth_map[..., 2] = (masks[1] & ~from_1).float()
         ax[1].imshow(truth_map.numpy())
-        ax[1].set_title(f"truth {truth[0]:.2f}", fontsize=9)
+        ax[1].set_title(f"truth {share[0]:.2f}", fontsize=9)
         ax[0].set_title(f"mixed, area lam {lam:.2f}", fontsize=9)
         for j, layer in enumerate([0] + shown):
             ax[2 + j].imshow(grids[layer][0].numpy(), cmap="coolwarm", vmin=0, vmax=1)
@@ -129,7 +128,7 @@ def tokens_figure(plt, model, args, val_set, num_pairs, box_lam, seed, path):
         curve = ax[-1]
         curve.plot(range(depth + 1), head[0].numpy(), "o-", ms=3, label="TL-Align")
         curve.axhline(lam, color="gray", ls="--", label="area lam")
-        curve.axhline(truth[0].item(), color="green", ls=":", label="truth")
+        curve.axhline(share[0].item(), color="green", ls=":", label="truth")
         curve.set_ylim(0, 1)
         curve.set_xlabel("block", fontsize=8)
         curve.set_title("share of image 1", fontsize=9)
@@ -149,7 +148,7 @@ def shares_figure(plt, model, args, val_set, num_images, seed, path):
     s = shares(model, val_set, num_images, args["cutmix_alpha"], args["cutmix_mode"], seed)
     names = [("area", "area lam (CutMix)"), ("tl", "TL-Align"), ("transmix", "TransMix")]
     names = [(k, t) for k, t in names if k in s]
-    errors = tl.share_errors(s)
+    errors = truth.share_errors(s)
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], names):
         r = torch.corrcoef(torch.stack([s[key], s["truth"]]))[0, 1].item()

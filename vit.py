@@ -1,29 +1,28 @@
-"""Vision Transformers written out: ViT/DeiT and Swin, with attention that returns its weights.
+"""Vision Transformers written out: ViT/DeiT and Swin, with attention that moves token labels.
 
 - ViT/DeiT: Dosovitskiy et al. 2021, Touvron et al. 2021 (class token, learned position embedding).
 - Swin: Liu et al. 2021 (window attention with relative position bias, shifted windows with an
   attention mask, patch merging, global average pooling).
 
 Every attention layer is an explicit softmax and hands its weights to the label path of TL-Align
-(tl_align.attend_labels / align_labels, paper Sec. 3): `model(x, token_labels)` returns the logits
-and the aligned label of what the classifier reads. Without labels `model(x)` is an ordinary
-classifier. `fused_attn=True` swaps in torch's scaled_dot_product_attention, with the labels riding
-along as extra value columns (fused_attention), tested equal to the explicit path.
+(tl_align.attend_labels / align_labels, paper Sec. 3). The contract of both families:
+`model(x)` returns the logits (B, num_classes); `model(x, token_labels)` returns (logits, label,
+cls_attn), label the (B, K) float32 aligned label of what the classifier reads (ViT: the class
+token; Swin: the mean of the final tokens) and cls_attn the last block's class-token attention over
+the N patches, mean over heads, detached, (B, N) float32 (TransMix's input; None for Swin, which has
+no class token). `fused_attn=True` swaps in torch's scaled_dot_product_attention, with the labels
+riding along as extra value columns (fused_attention, after the models), tested equal to the
+explicit path.
 
 Parameter names and shapes are those of timm's deit_{tiny,small,base}_patch16_224 and
 swin_{tiny,small,base}_patch4_window7_224 (timm >= 0.9 layout: Swin's patch merging opens the
 stage it feeds), so their checkpoints load with strict=True. Facts taken from timm and from
 microsoft/Swin-Transformer: the layer layout, LayerNorm eps (1e-6 ViT, 1e-5 Swin), the -100 shift
 mask, the order of the 2x2 concatenation in patch merging, the window/shift clamp for small maps.
-No code was copied.
-
-Weights of another size, class count or channel count (adapt_state_dict, at the end): position
-embeddings resized as DeiT's fine-tuning code does (bicubic, align_corners=False, no antialiasing),
-Swin's bias tables as Swin's own code does (bicubic), input channels by the rule of timm's
-adapt_input_conv (timm/models/_manipulate.py); facts, not code.
+No code was copied. Weights of another image size, window, class or channel count are fitted to
+these models by checkpoint.adapt_state_dict.
 """
 import itertools
-import math
 
 import torch
 import torch.nn as nn
@@ -117,58 +116,8 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))  # (B, H/p, W/p, D)
 
 
-def fused_attention(q, k, v, bias, labels, scale: float):
-    """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
-
-    The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
-    next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
-    with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
-    so no gradient flows through them and the gradients of q, k, v are those of plain attention.
-    In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
-    as large as TL-Align's whole correction): there a second call, without gradient, computes them from
-    the same q and k in float32.
-
-    q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
-    labels: (B, N, K) or None. Returns out (B, h, N, d) and mean_h(A_h Y) (B, N, K) float32 or None.
-    """
-    B, h, N, d = q.shape
-    if labels is None:
-        return _sdpa(q, k, v, bias, scale), None
-    K = labels.shape[-1]
-    y = labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
-    if v.dtype in (torch.bfloat16, torch.float16):
-        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            width = -max(d, K) // 8 * -8  # one width for q, k and the labels
-            q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
-            y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
-        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1)
-    width = -(d + K) // 8 * -8
-    out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
-    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1)
-
-
-def _pad(t, width: int):
-    """Zero columns on the right of the head dimension: (..., d) -> (..., width)."""
-    return F.pad(t, (0, width - t.shape[-1]))
-
-
-def _sdpa(q, k, v, bias, scale: float):
-    """scaled_dot_product_attention with a bias that broadcasts over leading groups of the batch.
-
-    Kernels take a 4-d mask broadcast over the batch: the bias's own batch (Swin's nW windows, the inner
-    factor of B) is folded into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous.
-    q, k: (B, h, N, d'), v: (B, h, N, e), bias: (..., h, N, N) or None. Returns (B, h, N, e).
-    """
-    B, h, N, _ = q.shape
-    if bias is not None:
-        G = bias[..., 0, 0, 0].numel()
-        q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
-        bias = bias.reshape(1, G * h, N, N)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
-
-
 class Attention(nn.Module):
-    """Multi-head softmax attention: explicit (it returns its weights) or fused (SDPA, labels ride along)."""
+    """Multi-head softmax attention: explicit (the readable default) or fused (SDPA, labels riding along)."""
 
     def __init__(self, dim: int, num_heads: int, fused: bool = False):
         super().__init__()
@@ -176,29 +125,28 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, bias=None, labels=None, cls_attn=False):
-        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count; labels: (B, N, K).
+    def forward(self, x, bias=None, token_labels=None, cls_attn=False):
+        """x: (B, N, C); bias: additive logits (..., h, N, N), B a multiple of their count;
+        token_labels: (B, N, K).
 
-        Returns out (B, N, C); attn, the softmax weights (B, h, N, N) on the explicit path, and on the
-        fused path the class token's row (B, h, 1, N) if cls_attn, else None; labels_attn =
-        mean_h(A) Y (B, N, K) float32, or None without labels.
+        Returns (out, labels_attn, cls_attn) on both paths: out (B, N, C); labels_attn = mean_h(A) Y
+        (B, N, K) float32, None without labels; cls_attn = A[:, :, 0], the first token's weights over
+        all N tokens (B, h, N), at least float32, detached, computed only if cls_attn=True (else None).
         """
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
-        if self.fused:
-            out, labels_attn = fused_attention(q, k, v, bias, labels, self.scale)
-            attn = None
-            if cls_attn:  # only the class token's row, for TransMix: (B, h, 1, N)
-                attn = ((q[:, :, :1] * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
-        else:
+        if not self.fused:
             logits = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, N, N)
             if bias is not None:  # broadcast over leading groups of the batch, e.g. the images of a window batch
                 logits = (logits.view(-1, *bias.shape) + bias).view(logits.shape)
             # at least fp32 under autocast (as CUDA autocast does): the label path reads these weights
             attn = logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             out = attn.to(v.dtype) @ v
-            labels_attn = None if labels is None else attend_labels(attn, labels)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C)), attn, labels_attn
+            labels_attn = None if token_labels is None else attend_labels(attn, token_labels)
+            cls_attn = attn[:, :, 0].detach() if cls_attn else None  # (B, h, N)
+        else:  # the same from torch's kernel, without the (N, N) weights in memory (fused_attention, below)
+            out, labels_attn, cls_attn = fused_attention(q, k, v, bias, token_labels, self.scale, cls_attn)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C)), labels_attn, cls_attn
 
 
 def check_token_labels(token_labels, B: int, N: int):
@@ -233,15 +181,15 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, 4 * dim)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x, labels=None, cls_attn=False):
-        """x: (B, N, C), labels: (B, N, K) or None. Returns x, labels, attn (see Attention.forward)."""
-        a, attn, labels_attn = self.attn(self.norm1(x), labels=labels, cls_attn=cls_attn)
+    def forward(self, x, token_labels=None, cls_attn=False):
+        """x: (B, N, C), token_labels: (B, N, K) or None. Returns x, token_labels, cls_attn (Attention.forward)."""
+        a, labels_attn, cls_attn = self.attn(self.norm1(x), token_labels=token_labels, cls_attn=cls_attn)
         x = x + self.drop_path(a)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if labels is not None:
+        if token_labels is not None:
             # the whole block's label update; DropPath is ignored here, as in the official code
-            labels = align_labels(labels, labels_attn)
-        return x, labels, attn
+            token_labels = align_labels(token_labels, labels_attn)
+        return x, token_labels, cls_attn
 
 
 class VisionTransformer(nn.Module):
@@ -262,31 +210,29 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)  # timm 0.3.2's, which DeiT and TL-Align ran (later: 1e-6)
 
-    def forward(self, x, token_labels=None, return_cls_attn=False):
+    def forward(self, x, token_labels=None):
         """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
 
-        Returns logits (B, num_classes); with token_labels also the aligned label (B, K) float32 of
-        the class token; with return_cls_attn also the last block's class-token attention to the
-        patches, mean over heads, detached (B, N) (for TransMix).
+        Returns logits (B, num_classes); with token_labels (logits, label, cls_attn): label (B, K)
+        float32, the class token's aligned label, and cls_attn (B, N) float32, the last block's
+        class-token attention over the N patches, mean over heads, detached (TransMix's input).
         """
         x = self.patch_embed(x).flatten(1, 2)  # (B, N, D)
         B = x.shape[0]
         check_token_labels(token_labels, B, self.num_patches)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.pos_embed  # (B, 1+N, D)
-        labels = None
         if token_labels is not None:
             y = token_labels.float()
             # the class token starts at y~ = the mean of the patch labels (paper Eq. (1))
-            labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
+            token_labels = torch.cat([y.mean(dim=1, keepdim=True), y], dim=1)  # (B, 1+N, K)
+        last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
-            x, labels, attn = blk(x, labels, cls_attn=return_cls_attn and i == len(self.blocks) - 1)
+            x, token_labels, cls_attn = blk(x, token_labels, cls_attn=token_labels is not None and i == last)
         logits = self.head(self.norm(x[:, 0]))
-        out = (logits,)
-        if token_labels is not None:
-            out += (labels[:, 0],)
-        if return_cls_attn:
-            out += (attn[:, :, 0, 1:].detach().mean(dim=1),)
-        return out[0] if len(out) == 1 else out
+        if token_labels is None:
+            return logits
+        # TransMix weighs the patches by the class token's attention to them (not to itself)
+        return logits, token_labels[:, 0], cls_attn[:, :, 1:].mean(dim=1).float()
 
 
 # ----------------------------------------------------------------------------- Swin
@@ -332,12 +278,12 @@ class WindowAttention(Attention):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(ws), persistent=False)
 
-    def forward(self, x, mask=None, labels=None):
-        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None; labels: (B*nW, ws*ws, K) or None."""
+    def forward(self, x, mask=None, token_labels=None):
+        """x: (B*nW, ws*ws, C); mask: (nW, ws*ws, ws*ws) or None; token_labels: (B*nW, ws*ws, K) or None."""
         bias = self.relative_position_bias_table[self.relative_position_index].permute(2, 0, 1)  # (h, n, n)
         if mask is not None:
             bias = bias + mask[:, None]  # (nW, h, n, n), broadcast over the images of the batch
-        return super().forward(x, bias, labels)
+        return super().forward(x, bias, token_labels)
 
 
 class SwinBlock(nn.Module):
@@ -370,26 +316,26 @@ class SwinBlock(nn.Module):
             t = torch.roll(t, shifts=(self.shift, self.shift), dims=(1, 2))
         return t
 
-    def forward(self, x, labels=None):
-        """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x, labels."""
+    def forward(self, x, token_labels=None):
+        """x: (B, H, W, C), token_labels: (B, H, W, K) or None. Returns x, token_labels."""
         B, H, W, C = x.shape
         # window attention is block-diagonal: each window's labels move with its own attention
-        windowed_labels = None if labels is None else self.partition(labels)
-        a, _, labels_attn = self.attn(self.partition(self.norm1(x)), self.attn_mask, windowed_labels)
+        windowed_labels = None if token_labels is None else self.partition(token_labels)
+        a, labels_attn, _ = self.attn(self.partition(self.norm1(x)), self.attn_mask, windowed_labels)
         x = x + self.drop_path(self.reverse(a, H, W))
         x = x + self.drop_path(self.mlp(self.norm2(x)))
-        if labels is not None:
-            labels = align_labels(labels, self.reverse(labels_attn, H, W))
-        return x, labels
+        if token_labels is not None:
+            token_labels = align_labels(token_labels, self.reverse(labels_attn, H, W))
+        return x, token_labels
 
 
-def merge_labels(labels: torch.Tensor) -> torch.Tensor:
+def merge_labels(token_labels: torch.Tensor) -> torch.Tensor:
     """Patch merging joins a 2x2 neighbourhood into one token: its label is their mean.
 
     (B, H, W, K) -> (B, H/2, W/2, K).
     """
-    B, H, W, K = labels.shape
-    return labels.view(B, H // 2, 2, W // 2, 2, K).mean(dim=(2, 4))
+    B, H, W, K = token_labels.shape
+    return token_labels.view(B, H // 2, 2, W // 2, 2, K).mean(dim=(2, 4))
 
 
 class PatchMerging(nn.Module):
@@ -400,13 +346,13 @@ class PatchMerging(nn.Module):
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
 
-    def forward(self, x, labels=None):
-        """x: (B, H, W, C), labels: (B, H, W, K) or None. Returns x (B, H/2, W/2, 2C), labels."""
+    def forward(self, x, token_labels=None):
+        """x: (B, H, W, C), token_labels: (B, H, W, K) or None. Returns x (B, H/2, W/2, 2C), token_labels."""
         B, H, W, C = x.shape
         # channel order x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2], as the checkpoints expect
         x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
         x = self.reduction(self.norm(x))
-        return x, (merge_labels(labels) if labels is not None else None)
+        return x, (merge_labels(token_labels) if token_labels is not None else None)
 
 
 class SwinStage(nn.Module):
@@ -421,12 +367,12 @@ class SwinStage(nn.Module):
                       fused_attn=fused_attn)
             for i in range(depth))
 
-    def forward(self, x, labels=None):
+    def forward(self, x, token_labels=None):
         if self.downsample is not None:
-            x, labels = self.downsample(x, labels)
+            x, token_labels = self.downsample(x, token_labels)
         for blk in self.blocks:
-            x, labels = blk(x, labels)
-        return x, labels
+            x, token_labels = blk(x, token_labels)
+        return x, token_labels
 
 
 class PoolHead(nn.Module):
@@ -473,128 +419,83 @@ class SwinTransformer(nn.Module):
     def forward(self, x, token_labels=None):
         """x: (B, C, H, W); token_labels: (B, N, K) source weights of the N patch tokens (row-major).
 
-        Returns logits (B, num_classes), and with token_labels the aligned label (B, K) float32:
-        the mean of the final tokens' labels, since the classifier reads the mean of their features.
+        Returns logits (B, num_classes); with token_labels (logits, label, None): label (B, K) float32,
+        the mean of the final tokens' labels, since the classifier reads the mean of their features;
+        None in the place of ViT's class-token attention, as Swin has no class token.
         """
         x = self.patch_embed(x)  # (B, H, W, C)
         B, H, W, _ = x.shape
         check_token_labels(token_labels, B, self.num_patches)
-        labels = None if token_labels is None else token_labels.float().view(B, H, W, -1)
+        token_labels = None if token_labels is None else token_labels.float().view(B, H, W, -1)
         for stage in self.layers:
-            x, labels = stage(x, labels)
+            x, token_labels = stage(x, token_labels)
         logits = self.head(self.norm(x))
-        return logits if token_labels is None else (logits, labels.mean(dim=(1, 2)))
+        return logits if token_labels is None else (logits, token_labels.mean(dim=(1, 2)), None)
 
 
-# ----------------------------------------------------------------------------- weights of another shape
+# ----------------------------------------------------------------------------- fused attention (--fused-attn)
 
-def resample_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """(1, 1 + g*g, D) -> (1, 1 + grid*grid, D): the patch positions resized as a g x g image, class token kept.
+def fused_attention(q, k, v, bias, token_labels, scale: float, cls_attn: bool = False):
+    """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
 
-    Bicubic, align_corners=False, no antialiasing, as DeiT's fine-tuning code (timm's checkpoint filter
-    antialiases by default, which changes the kernel even when enlarging). The same tensor when g == grid.
+    The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
+    next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
+    with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
+    so no gradient flows through them and the gradients of q, k, v are those of plain attention.
+    In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
+    as large as TL-Align's whole correction): there a second call, without gradient, computes them from
+    the same q and k in float32. The first token's row of A, which the kernel does not return, is
+    computed on its own if cls_attn.
+
+    q, k, v: (B, h, N, d); bias: (..., h, N, N) broadcast over leading groups of B, or None;
+    token_labels: (B, N, K) or None. Returns what Attention.forward's explicit path computes: out (B, h, N, d),
+    mean_h(A_h Y) (B, N, K) float32 or None, and A[:, :, 0] (B, h, N) if cls_attn, else None.
     """
-    g, D = math.isqrt(pos_embed.shape[1] - 1), pos_embed.shape[2]
-    if g == grid:
-        return pos_embed
-    patches = pos_embed[:, 1:].reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g), row-major tokens
-    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False,
-                            antialias=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D)  # (1, grid*grid, D)
-    return torch.cat([pos_embed[:, :1], patches.to(pos_embed.dtype)], dim=1)
+    B, h, N, d = q.shape
+    row = first_row(q, k, bias, scale) if cls_attn else None
+    if token_labels is None:
+        return _sdpa(q, k, v, bias, scale), None, row
+    K = token_labels.shape[-1]
+    y = token_labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
+    if v.dtype in (torch.bfloat16, torch.float16):
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            width = -max(d, K) // 8 * -8  # one width for q, k and the labels
+            q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
+            y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
+        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1), row
+    width = -(d + K) // 8 * -8
+    out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
+    return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1), row
 
 
-def resample_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
-    """((2w-1)^2, h) -> ((2*window-1)^2, h): a Swin relative-position bias table for another window size.
+@torch.no_grad()
+def first_row(q, k, bias, scale: float):
+    """The first token's attention weights alone, as the explicit path computes them (at least float32).
 
-    Each head's table is a (2w-1) x (2w-1) image over the offsets (dy, dx), resized bicubic
-    (align_corners=False) as Swin's own fine-tuning to larger windows does. The same tensor if w == window.
+    q, k: (B, h, N, d); bias: (..., h, N, N) or None. Returns (B, h, N), detached.
     """
-    side, h = math.isqrt(table.shape[0]), table.shape[1]
-    new = 2 * window - 1
-    if side == new:
-        return table
-    grid = table.T.reshape(1, h, side, side)  # (1, h, 2w-1, 2w-1), row = dy, column = dx
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False, antialias=False)
-    return grid.reshape(h, new * new).T.to(table.dtype)  # ((2*window-1)^2, h)
+    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1)  # (B, h, 1, N)
+    if bias is not None:  # the bias's first rows, broadcast over leading groups of the batch
+        row_bias = bias[..., :1, :]  # (..., h, 1, N)
+        logits = (logits.view(-1, *row_bias.shape) + row_bias).view(logits.shape)
+    return logits.softmax(dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))[:, :, 0]
 
 
-def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """(D, c, p, p) patch-embedding kernels for c-channel images -> (D, in_chans, p, p), by timm's rule.
+def _pad(t, width: int):
+    """Zero columns on the right of the head dimension: (..., d) -> (..., width)."""
+    return F.pad(t, (0, width - t.shape[-1]))
 
-    To one channel: the kernels summed over the c channels, so that a grey image gets the embedding its
-    c-channel copy got. To any other count: the c kernels repeated cyclically and scaled by c / in_chans,
-    so that an image whose channels repeat its c channels gets their embedding (timm's adapt_input_conv,
-    which only takes c = 3 there). The same tensor if c == in_chans.
+
+def _sdpa(q, k, v, bias, scale: float):
+    """scaled_dot_product_attention with a bias that broadcasts over leading groups of the batch.
+
+    Kernels take a 4-d mask broadcast over the batch: the bias's own batch (Swin's nW windows, the inner
+    factor of B) is folded into the heads, (B, h) -> (B / nW, nW * h); a copy unless already contiguous.
+    q, k: (B, h, N, d'), v: (B, h, N, e), bias: (..., h, N, N) or None. Returns (B, h, N, e).
     """
-    c = weight.shape[1]
-    if c == in_chans:
-        return weight
-    w = weight.float()
-    if in_chans == 1:
-        w = w.sum(dim=1, keepdim=True)
-    else:
-        w = w.repeat(1, math.ceil(in_chans / c), 1, 1)[:, :in_chans] * (c / in_chans)
-    return w.to(weight.dtype)
-
-
-def adapt_state_dict(state_dict: dict, model: nn.Module, reset_head: bool = True) -> tuple[dict, list[str]]:
-    """A checkpoint's state dict made to fit model: (state dict, notes), a line per kind of change.
-
-    The result loads with model.load_state_dict(strict=True). Adapted: the position embedding to the
-    model's token grid, Swin's bias tables to its windows, the patch-embedding kernels to its input
-    channels and, if reset_head, the classifier (`head` / Swin's `head.fc`) to its class count, by
-    taking the model's own fresh one. A distilled DeiT's distillation token, its position and its head are
-    dropped; Swin's position indices and shift masks are never read (the model computes them). Anything
-    else raises ValueError naming the first parameter that does not fit and both shapes.
-    """
-    own = model.state_dict()
-    sd = {k: v for k, v in state_dict.items() if not k.endswith(("relative_position_index", "attn_mask"))}
-    notes = []
-    if "dist_token" in sd and "dist_token" not in own:
-        dropped = ["dist_token"] + [k for k in sd if k.startswith("head_dist.")]
-        for k in dropped:
-            del sd[k]
-        if "pos_embed" in sd:  # DeiT orders the tokens [class, distillation, patches]
-            sd["pos_embed"] = torch.cat([sd["pos_embed"][:, :1], sd["pos_embed"][:, 2:]], dim=1)
-        notes.append(f"distilled DeiT: dropped {', '.join(dropped)} and the distillation token's position; "
-                     f"the class token's head is kept")
-    tables, head = set(), None
-    for k, mine in own.items():
-        theirs = sd.get(k)
-        if theirs is None:
-            raise ValueError(f"{k} {tuple(mine.shape)} is missing from the checkpoint")
-        # the dimensions in which the shapes differ; None for different ranks
-        diff = [i for i in range(mine.dim()) if theirs.shape[i] != mine.shape[i]] \
-            if theirs.dim() == mine.dim() else None
-        if diff == []:
-            continue
-        if k == "pos_embed" and diff == [1]:
-            g, grid = math.isqrt(theirs.shape[1] - 1), math.isqrt(mine.shape[1] - 1)
-            if g * g == theirs.shape[1] - 1:  # else not a square grid, reported below
-                sd[k] = resample_pos_embed(theirs, grid)
-                notes.append(f"pos_embed resized from {g}x{g} to {grid}x{grid} patch positions (bicubic)")
-        elif k.endswith("relative_position_bias_table") and diff == [0]:
-            side, window = math.isqrt(theirs.shape[0]), (math.isqrt(mine.shape[0]) + 1) // 2
-            if side * side == theirs.shape[0]:
-                sd[k] = resample_bias_table(theirs, window)
-                tables.add(f"{(side + 1) // 2} -> {window}")
-        elif k == "patch_embed.proj.weight" and diff == [1]:
-            sd[k] = adapt_input_conv(theirs, mine.shape[1])
-            rule = "summed" if mine.shape[1] == 1 else "repeated and scaled"
-            notes.append(f"{k} adapted from {theirs.shape[1]} to {mine.shape[1]} input channels ({rule})")
-        elif reset_head and k.startswith("head.") and diff == [0]:
-            sd[k] = mine  # the model's own fresh initialisation
-            head = (theirs.shape[0], mine.shape[0])
-        if sd[k].shape != mine.shape:
-            raise ValueError(f"{k} is {tuple(theirs.shape)} in the checkpoint, {tuple(mine.shape)} in the model")
-    extra = [k for k in sd if k not in own]
-    if extra:
-        raise ValueError(f"{extra[0]} {tuple(sd[extra[0]].shape)} in the checkpoint has no place in the model")
-    if tables:
-        notes.append(f"relative-position bias tables resized for windows {', '.join(sorted(tables))} (bicubic)")
-    if head:
-        notes.append(f"classifier re-initialised: {head[0]} classes in the checkpoint, {head[1]} here")
-    elif reset_head:
-        notes.append("classifier kept: the checkpoint has the same class count")
-    return sd, notes
+    B, h, N, _ = q.shape
+    if bias is not None:
+        G = bias[..., 0, 0, 0].numel()
+        q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
+        bias = bias.reshape(1, G * h, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
