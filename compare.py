@@ -77,7 +77,7 @@ STUDIES = {
 MODELS = ["vit_mini", "swin_mini"]
 # flags of train.py that compare.py sets itself, per run
 OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--cutmix-mode", "--seed", "--epochs", "--subset",
-             "--holdout", "--output-dir", "--resume"}
+             "--holdout", "--output-dir", "--resume", "--overwrite"}
 
 
 def train_command(run, extra):
@@ -147,9 +147,12 @@ def claim(run):
 
 
 def command_now(run):
-    """The command that takes a run to its end: from its checkpoint if an earlier attempt left one."""
+    """The command that takes a run to its end: from its checkpoint if an earlier attempt left one; anew,
+    replacing what it left (train.py refuses a folder holding a run unless told), if it left no checkpoint."""
     checkpoint = os.path.join(run["dir"], "checkpoint.pt")
-    return run["cmd"] + (["--resume", checkpoint] if os.path.exists(checkpoint) else [])
+    if os.path.exists(checkpoint):
+        return run["cmd"] + ["--resume", checkpoint]
+    return run["cmd"] + (["--overwrite"] if os.path.exists(os.path.join(run["dir"], "log.jsonl")) else [])
 
 
 def read_json(path, default):

@@ -47,6 +47,14 @@ import torch.nn.functional as F
 class DataError(Exception):
     """A data set is missing or malformed; the one-line message names the path and the expected layout."""
 
+    def __init__(self, message):
+        # raised in a DataLoader worker, it comes back as "Caught DataError in DataLoader worker process N.
+        # Original Traceback ...": keep its last line, the message itself, so that workers or not it reads
+        # the same
+        if message.startswith("Caught DataError"):
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
 
 # Facts per dataset. img_size is what the model sees: the small sets are all delivered at 32x32, one
 # input size for the small ViT / Swin presets. 28x28 MNIST-like images are zero-padded to 32 because
