@@ -414,9 +414,10 @@ def calibration_table(runs, args):
                          f" | {statistics.mean(s['wall'] for s in stats) / 60:.1f} |")
     lines += ["", "Paired differences (points, mean ± 95% interval over seeds):", "",
               f"| difference | {head} |", "|---|" + "---|" * len(epochs)]
-    counts = set(epochs)
+    counts, decided = set(epochs), True
     for arm, base in (("area", "none"), ("oracle", "area")):
         pairs = paired(by_arm.get(arm, []), by_arm.get(base, []))
+        decided &= len(pairs) > 1
         if not pairs:
             counts = set()
             continue
@@ -424,10 +425,16 @@ def calibration_table(runs, args):
         counts &= {e for e in epochs if len(pairs) > 1 and verdict(diffs[e]).endswith("(higher)")}
         lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs)
                      + " |")
-    lines += ["", "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above "
-              f"0) at epoch {', '.join(map(str, sorted(counts)))}." if counts else
-              "**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or the oracle "
-              "does not beat area, with an interval above 0."]
+    if not decided:
+        verdict_line = ("**Not decided yet**: the regime counts if CutMix beats no mixing and the oracle beats area, "
+                        "both with a 95% interval above 0; that needs at least 2 seeds of each pair.")
+    elif counts:
+        verdict_line = ("**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals "
+                        f"above 0) at epoch {', '.join(map(str, sorted(counts)))}.")
+    else:
+        verdict_line = ("**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or "
+                        "the oracle does not beat area, with an interval above 0.")
+    lines += ["", verdict_line]
     return lines
 
 
