@@ -536,15 +536,19 @@ def build_optimizer(args, model, device, steps_per_epoch):
     return optimizer, scheduler, scaler, autocast, amp
 
 
-def resume_from(args, model, optimizer, scheduler, scaler):
-    """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best)."""
+def resume_from(args, model, optimizer, scheduler, scaler, log):
+    """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best).
+
+    The weights of a wrapped model (DDP's `module.`, torch.compile's `_orig_mod.`) are unwrapped first."""
     ckpt = checkpoint.load_checkpoint(args.resume)
+    state, unwrapped = checkpoint.unwrap_state_dict(ckpt["model"])
+    if unwrapped:
+        log(f"resume: {unwrapped}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
-                        f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')}); --finetune "
-                        f"adapts weights of another size, class or channel count") from None
+        raise UserError(f"checkpoint {args.resume} does not fit --model {args.model} on --data {args.data}: "
+                        f"{checkpoint.first_mismatch(state, model)}") from None
     if args.eval:
         return 0, 0.0
     if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
@@ -612,7 +616,7 @@ def run(args):
                         f"--batch-size {args.batch_size}; lower --batch-size or raise --subset")
     raw = build_model(args, info, log).to(device)
     optimizer, scheduler, scaler, autocast, amp = build_optimizer(args, raw, device, len(train_loader))
-    start_epoch, best = resume_from(args, raw, optimizer, scheduler, scaler) if args.resume else (0, 0.0)
+    start_epoch, best = resume_from(args, raw, optimizer, scheduler, scaler, log) if args.resume else (0, 0.0)
     if args.eval:
         top1, top5 = evaluate(raw, val_loader, device, autocast)
         log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
