@@ -2,7 +2,8 @@
 
 - `save_atomic`, `load_checkpoint`: train.py's checkpoint.pt / best.pt, written so that a kill leaves
   the old file or the new one; read back with DeiT's and the official TL-Align's .pth, timm's .pth /
-  .bin and .safetensors, without running code from the file.
+  .bin and .safetensors, without running code from the file (a whole pickled model is recognised and
+  refused with the advice to save its state dict).
 - `unwrap_state_dict`: the weights of a model wrapped by DDP / DataParallel (`module.`) or torch.compile
   (`_orig_mod.`) under the inner model's keys. `first_mismatch`: where weights and a model differ, in
   words, for errors.
@@ -19,6 +20,7 @@ do not fit raise ValueError naming the first parameter and both shapes.
 import argparse
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -61,6 +63,11 @@ def load_checkpoint(path):
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
+        model = pickled_model(path, e)
+        if model:
+            raise CheckpointError(f"checkpoint {path} is a whole pickled model ({model}, as torch.save(model) writes "
+                                  f"it), which cannot be loaded without running code from the file: save "
+                                  f"model.state_dict() instead") from None
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not a "
                               f"checkpoint: use another file") from None
     if isinstance(ckpt, dict) and "model" not in ckpt:
@@ -72,6 +79,23 @@ def load_checkpoint(path):
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
     return ckpt
+
+
+def pickled_model(path, error) -> str | None:
+    """The class of the model in a file that torch.save(model) wrote (e.g. 'vit.VisionTransformer'), or None.
+
+    weights_only's error names the first global it refused: the model's class. That it is a model is
+    read from all the globals the pickle names, listed without running them: a model's include torch.nn's
+    layers (Linear, LayerNorm, ...).
+    """
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if refused is None:  # truncated, not a checkpoint: no global was refused
+        return None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # torch's format before 1.6, which it does not list: called unreadable
+        return None
+    return refused.group(1) if any(name.startswith("torch.nn.modules.") for name in names) else None
 
 
 # ----------------------------------------------------------------------------- keys of weights

@@ -237,7 +237,7 @@ def test_distilled_deit_loses_its_distillation_token():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A folder of checkpoints that do not fit vit_mini on the synthetic set, written once for all cases:
-    other models' weights in train.py's layout and weights under an unknown prefix."""
+    other models' weights in train.py's layout, weights under an unknown prefix, a pickled model."""
     tmp_path = tmp_path_factory.mktemp("checkpoints")
 
     def save(name, model, **extra):
@@ -250,6 +250,7 @@ def checkpoints(tmp_path_factory):
     save("five.pt", vit.create_model("vit_mini", num_classes=5))
     torch.save({"model": "weights"}, tmp_path / "empty.pt")
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    torch.save(vit.create_model("vit_mini", num_classes=10), tmp_path / "whole.pt")  # the model, not its weights
     sd = vit.create_model("vit_mini", num_classes=10).state_dict()
     torch.save({"model": {"backbone." + k: v for k, v in sd.items()}}, tmp_path / "backbone.pt")
     return tmp_path
@@ -265,6 +266,10 @@ ERRORS = {  # arguments -> what the one line must say
     "corrupt": (["--finetune", "{tmp}/corrupt.pth"], "cannot be read"),
     "missing": (["--finetune", "{tmp}/nowhere.pth"], "not found"),
     "with_resume": (["--finetune", "{tmp}/five.pt", "--resume", "{tmp}/five.pt"], "give one"),
+    "pickled_model": (["--finetune", "{tmp}/whole.pt"], "checkpoint {tmp}/whole.pt is a whole pickled model "
+                      "(vit.VisionTransformer, as torch.save(model) writes it), which cannot be loaded without running "
+                      "code from the file: save model.state_dict() instead"),
+    "pickled_model_eval": (["--eval", "--resume", "{tmp}/whole.pt"], "save model.state_dict() instead"),
     "unknown_prefix": (["--finetune", "{tmp}/backbone.pt"], "all keys start with 'backbone.', a prefix of no known "
                        "wrapper (DDP's 'module.', torch.compile's '_orig_mod.'); cls_token is there as "
                        "'backbone.cls_token'"),
@@ -281,8 +286,12 @@ def test_unusable_files_raise_checkpoint_error_and_checkpoint_py_stands_alone(tm
     of this repository, so that train.py's error type cannot tie the two into a cycle."""
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
     torch.save({"model": "weights"}, tmp_path / "empty.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "linear.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6
     for name, message in [("nowhere.pth", "not found"), ("corrupt.pth", "cannot be read"),
-                          ("empty.pt", "holds no model weights"), (".", "is a directory")]:
+                          ("empty.pt", "holds no model weights"), (".", "is a directory"),
+                          ("linear.pt", r"is a whole pickled model \(torch.nn.modules.linear.Linear, "),
+                          ("legacy.pt", "cannot be read")]:
         with pytest.raises(checkpoint.CheckpointError, match=message):
             checkpoint.load_checkpoint(str(tmp_path / name))
     code = "import sys, checkpoint; print(sorted({'data', 'tl_align', 'train', 'vit'} & set(sys.modules)))"
