@@ -5,8 +5,8 @@
   .bin and .safetensors, without running code from the file (a whole pickled model is recognised and
   refused with the advice to save its state dict).
 - `unwrap_state_dict`: the weights of a model wrapped by DDP / DataParallel (`module.`) or torch.compile
-  (`_orig_mod.`) under the inner model's keys. `first_mismatch`: where weights and a model differ, in
-  words, for errors.
+  (`_orig_mod.`) under the inner model's keys. `first_mismatch`, `model_facts`: where weights and a
+  model differ, and what weights say of their model (classes, channels, image size, window), for errors.
 - `adapt_state_dict` (`load_adapted` with the file read and the weights loaded): weights of another
   image size, window, class count or channel count made to fit a model of vit.py, a distilled DeiT's
   extra token dropped. Position embeddings are resized as DeiT's fine-tuning code does (bicubic,
@@ -98,7 +98,7 @@ def pickled_model(path, error) -> str | None:
     return refused.group(1) if any(name.startswith("torch.nn.modules.") for name in names) else None
 
 
-# ----------------------------------------------------------------------------- keys of weights
+# ----------------------------------------------------------------------------- keys and facts of weights
 
 WRAPPERS = {"module.": "DDP / DataParallel", "_orig_mod.": "torch.compile"}  # the prefix each puts on every key
 
@@ -142,6 +142,25 @@ def first_mismatch(state_dict: dict, model: nn.Module) -> str | None:
             return f"{k} is {tuple(theirs.shape)} in the checkpoint, {tuple(mine.shape)} in the model"
     extra = next((k for k in state_dict if k not in own), None)
     return extra and f"{extra} {tuple(state_dict[extra].shape)} in the checkpoint has no place in the model"
+
+
+def model_facts(state_dict: dict) -> dict:
+    """What weights in timm's names say of their model, each fact only if they hold it: classes (the
+    classifier's rows), in_chans (the patch embedding's), img_size (ViT: the position grid times the
+    patch) and window (Swin: the first relative-position bias table's)."""
+    facts = {}
+    head = state_dict.get("head.weight", state_dict.get("head.fc.weight"))
+    if head is not None and head.dim() == 2:
+        facts["classes"] = head.shape[0]
+    proj, pos = state_dict.get("patch_embed.proj.weight"), state_dict.get("pos_embed")
+    if proj is not None and proj.dim() == 4:
+        facts["in_chans"] = proj.shape[1]
+        if pos is not None and pos.dim() == 3:  # the class token's position, then the patches' grid
+            facts["img_size"] = math.isqrt(pos.shape[1] - 1) * proj.shape[-1]
+    table = next((v for k, v in state_dict.items() if k.endswith("relative_position_bias_table")), None)
+    if table is not None:
+        facts["window"] = (math.isqrt(table.shape[0]) + 1) // 2
+    return facts
 
 
 # ----------------------------------------------------------------------------- weights of another shape

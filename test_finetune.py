@@ -237,7 +237,8 @@ def test_distilled_deit_loses_its_distillation_token():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A folder of checkpoints that do not fit vit_mini on the synthetic set, written once for all cases:
-    other models' weights in train.py's layout, weights under an unknown prefix, a pickled model."""
+    other models' weights in train.py's layout (some with the args of the run that saved them), weights
+    under an unknown prefix, a pickled model."""
     tmp_path = tmp_path_factory.mktemp("checkpoints")
 
     def save(name, model, **extra):
@@ -253,6 +254,14 @@ def checkpoints(tmp_path_factory):
     torch.save(vit.create_model("vit_mini", num_classes=10), tmp_path / "whole.pt")  # the model, not its weights
     sd = vit.create_model("vit_mini", num_classes=10).state_dict()
     torch.save({"model": {"backbone." + k: v for k, v in sd.items()}}, tmp_path / "backbone.pt")
+
+    def save_run(name, model, data, img_size=None, window_size=None, **build):  # with the args train.py saves
+        torch.save({"model": vit.create_model(model, img_size=img_size, **build).state_dict(),
+                    "args": dict(model=model, data=data, img_size=img_size, window_size=window_size)}, tmp_path / name)
+
+    save_run("folders.pt", "vit_mini", "imagenet", img_size=48, num_classes=2)
+    save_run("garments.pt", "vit_mini", "fashion_mnist", num_classes=10, in_chans=1)
+    save_run("swin_run.pt", "swin_mini", "synthetic", num_classes=10)
     return tmp_path
 
 
@@ -275,6 +284,16 @@ ERRORS = {  # arguments -> what the one line must say
                        "'backbone.cls_token'"),
     "unknown_prefix_resume": (["--resume", "{tmp}/backbone.pt"], "all keys start with 'backbone.'"),
     "unknown_prefix_eval": (["--eval", "--resume", "{tmp}/backbone.pt"], "all keys start with 'backbone.'"),
+    "resume_other_classes_and_size": (["--resume", "{tmp}/folders.pt"], "does not fit --model vit_mini on --data "
+                                      "synthetic: saved with 2 classes (--data imagenet), this run has 10 (--data "
+                                      "synthetic); saved with 48 px images (--img-size 48), this run has 32 (--data "
+                                      "synthetic); to start a new run from these weights, adapted, use --finetune"),
+    "resume_other_channels": (["--resume", "{tmp}/garments.pt"], "saved with 1-channel images (--data fashion_mnist), "
+                              "this run has 3 (--data synthetic); to start"),
+    "resume_other_window": (["--model", "swin_mini", "--window-size", "2", "--resume", "{tmp}/swin_run.pt"],
+                            "saved with window 4 (--model swin_mini), this run has 2 (--window-size 2); to start"),
+    "resume_other_model": (["--resume", "{tmp}/swin_run.pt"], "saved with --model swin_mini, this run has --model "
+                           "vit_mini"),
     "resume_other_depth": (["--resume", "{tmp}/shallow.pt"], "blocks.4.norm1.weight (96,) is missing"),
     "img_size_small_data": (["--img-size", "48"], "--img-size: --data synthetic is held in memory at 32 px"),
     "window_on_vit": (["--window-size", "2"], "--window-size is for Swin models"),

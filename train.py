@@ -536,6 +536,31 @@ def build_optimizer(args, model, device, steps_per_epoch):
     return optimizer, scheduler, scaler, autocast, amp
 
 
+def what_differs(args, saved, state, model):
+    """Why the weights of another run do not fit this one, in the flags that decided it: "saved with 10
+    classes (--data fashion_mnist), this run has 100 (--data cifar100)", for every fact --finetune adapts;
+    saved: the other run's args, as far as its checkpoint holds them. Else another --model, or the first
+    parameter that differs (checkpoint.first_mismatch)."""
+    if saved.get("model") in vit.PRESETS and saved["model"] != args.model:
+        return f"saved with --model {saved['model']}, this run has --model {args.model}"
+
+    def given(run, *flags):  # the first of flags that run set: " (--data cifar100)"
+        flag = next((f for f in flags if run.get(f) is not None), None)
+        return f" (--{flag.replace('_', '-')} {run[flag]})" if flag else ""
+
+    theirs, mine = checkpoint.model_facts(state), checkpoint.model_facts(model.state_dict())
+    words = {"classes": ("{} classes", "data"), "in_chans": ("{}-channel images", "data"),
+             "img_size": ("{} px images", "img_size", "data"), "window": ("window {}", "window_size", "model")}
+    differences = []
+    for fact, (word, *flags) in words.items():
+        if fact in theirs and fact in mine and theirs[fact] != mine[fact]:
+            differences.append(f"saved with {word.format(theirs[fact])}{given(saved, *flags)}, "
+                               f"this run has {mine[fact]}{given(vars(args), *flags)}")
+    if differences:
+        return "; ".join(differences) + "; to start a new run from these weights, adapted, use --finetune"
+    return checkpoint.first_mismatch(state, model)
+
+
 def resume_from(args, model, optimizer, scheduler, scaler, log):
     """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best).
 
@@ -548,7 +573,7 @@ def resume_from(args, model, optimizer, scheduler, scaler, log):
         model.load_state_dict(state)
     except RuntimeError:
         raise UserError(f"checkpoint {args.resume} does not fit --model {args.model} on --data {args.data}: "
-                        f"{checkpoint.first_mismatch(state, model)}") from None
+                        f"{what_differs(args, ckpt.get('args') or {}, state, model)}") from None
     if args.eval:
         return 0, 0.0
     if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
