@@ -561,17 +561,45 @@ def build_optimizer(args, model, device, steps_per_epoch):
     return optimizer, scheduler, scaler, autocast, amp
 
 
-def resume_from(args, model, optimizer, scheduler, scaler):
+def what_differs(args, saved, state, model):
+    """Why the weights of another run do not fit this one, in the flags that decided it: "saved with 10
+    classes (--data fashion_mnist), this run has 100 (--data cifar100)", for every fact --finetune adapts;
+    saved: the other run's args, as far as its checkpoint holds them. Else another --model, or the first
+    parameter that differs (checkpoint.first_mismatch)."""
+    if saved.get("model") in vit.PRESETS and saved["model"] != args.model:
+        return f"saved with --model {saved['model']}, this run has --model {args.model}"
+
+    def given(run, *flags):  # the first of flags that run set: " (--data cifar100)"
+        flag = next((f for f in flags if run.get(f) is not None), None)
+        return f" (--{flag.replace('_', '-')} {run[flag]})" if flag else ""
+
+    theirs, mine = checkpoint.model_facts(state), checkpoint.model_facts(model.state_dict())
+    words = {"classes": ("{} classes", "data"), "in_chans": ("{}-channel images", "data"),
+             "img_size": ("{} px images", "img_size", "data"), "window": ("window {}", "window_size", "model")}
+    differences = []
+    for fact, (word, *flags) in words.items():
+        if fact in theirs and fact in mine and theirs[fact] != mine[fact]:
+            differences.append(f"saved with {word.format(theirs[fact])}{given(saved, *flags)}, "
+                               f"this run has {mine[fact]}{given(vars(args), *flags)}")
+    if differences:
+        return "; ".join(differences) + "; to start a new run from these weights, adapted, use --finetune"
+    return checkpoint.first_mismatch(state, model)
+
+
+def resume_from(args, model, optimizer, scheduler, scaler, log):
     """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best,
     pending): pending, the training figures of the checkpoint's epoch if it was saved before its evaluation
-    and log line (then the run starts by evaluating it), else None."""
+    and log line (then the run starts by evaluating it), else None. The weights of a wrapped model (DDP's
+    `module.`, torch.compile's `_orig_mod.`) are unwrapped first."""
     ckpt = checkpoint.load_checkpoint(args.resume)
+    state, unwrapped = checkpoint.unwrap_state_dict(ckpt["model"])
+    if unwrapped:
+        log(f"resume: {unwrapped}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
-                        f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')}); --finetune "
-                        f"adapts weights of another size, class or channel count") from None
+        raise UserError(f"checkpoint {args.resume} does not fit --model {args.model} on --data {args.data}: "
+                        f"{what_differs(args, ckpt.get('args') or {}, state, model)}") from None
     if args.eval:
         return 0, 0.0, None
     if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
@@ -678,7 +706,8 @@ def run(args):
     if amp == "fp16" and device.type == "cpu":  # kept working: the tests use it as a stand-in for CUDA's fp16
         log("warning: --amp fp16 on a CPU runs ~8x slower than float32 (no fp16 matrix kernels); use --amp bf16 "
             "or --amp off")
-    start_epoch, best, pending = resume_from(args, raw, optimizer, scheduler, scaler) if args.resume else (0, 0.0, None)
+    start_epoch, best, pending = resume_from(args, raw, optimizer, scheduler, scaler, log) if args.resume else \
+        (0, 0.0, None)
     if args.eval:
         top1, top5 = evaluate(raw, val_loader, device, autocast)
         log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
