@@ -150,8 +150,11 @@ def test_one_class_is_refused_and_fp16_on_a_cpu_is_warned(tmp_path, capsys):
 def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     argv = ["--epochs", "50", *SMALL, "--output-dir", str(out)]
+    # SIGINT's default action restored: a test run in the background of a non-interactive shell inherits it
+    # ignored, and Python then installs no KeyboardInterrupt handler
     p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not (out / "log.jsonl").exists() and time.time() < deadline:  # the first epoch is saved
         time.sleep(0.2)
