@@ -2,7 +2,11 @@
 
 - `save_atomic`, `load_checkpoint`: train.py's checkpoint.pt / best.pt, written so that a kill leaves
   the old file or the new one; read back with DeiT's and the official TL-Align's .pth, timm's .pth /
-  .bin and .safetensors, without running code from the file.
+  .bin and .safetensors, without running code from the file (a whole pickled model is recognised and
+  refused with the advice to save its state dict).
+- `unwrap_state_dict`: the weights of a model wrapped by DDP / DataParallel (`module.`) or torch.compile
+  (`_orig_mod.`) under the inner model's keys. `first_mismatch`, `model_facts`: where weights and a
+  model differ, and what weights say of their model (classes, channels, image size, window), for errors.
 - `adapt_state_dict` (`load_adapted` with the file read and the weights loaded): weights of another
   image size, window, class count or channel count made to fit a model of vit.py, a distilled DeiT's
   extra token dropped. Position embeddings are resized as DeiT's fine-tuning code does (bicubic,
@@ -16,6 +20,7 @@ do not fit raise ValueError naming the first parameter and both shapes.
 import argparse
 import math
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -58,6 +63,11 @@ def load_checkpoint(path):
             with torch.serialization.safe_globals([argparse.Namespace]):
                 ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a checkpoint, or holding objects weights_only refuses
+        model = pickled_model(path, e)
+        if model:
+            raise CheckpointError(f"checkpoint {path} is a whole pickled model ({model}, as torch.save(model) writes "
+                                  f"it), which cannot be loaded without running code from the file: save "
+                                  f"model.state_dict() instead") from None
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is corrupt or not a "
                               f"checkpoint: use another file") from None
     if isinstance(ckpt, dict) and "model" not in ckpt:
@@ -69,6 +79,88 @@ def load_checkpoint(path):
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
     return ckpt
+
+
+def pickled_model(path, error) -> str | None:
+    """The class of the model in a file that torch.save(model) wrote (e.g. 'vit.VisionTransformer'), or None.
+
+    weights_only's error names the first global it refused: the model's class. That it is a model is
+    read from all the globals the pickle names, listed without running them: a model's include torch.nn's
+    layers (Linear, LayerNorm, ...).
+    """
+    refused = re.search(r"GLOBAL (\S+) was not an allowed global", str(error))
+    if refused is None:  # truncated, not a checkpoint: no global was refused
+        return None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except ValueError:  # torch's format before 1.6, which it does not list: called unreadable
+        return None
+    return refused.group(1) if any(name.startswith("torch.nn.modules.") for name in names) else None
+
+
+# ----------------------------------------------------------------------------- keys and facts of weights
+
+WRAPPERS = {"module.": "DDP / DataParallel", "_orig_mod.": "torch.compile"}  # the prefix each puts on every key
+
+
+def unwrap_state_dict(state_dict: dict) -> tuple[dict, str | None]:
+    """The weights of a wrapped model under the inner model's keys: (state dict, note or None).
+
+    DistributedDataParallel and DataParallel save their model's keys under `module.`, torch.compile under
+    `_orig_mod.`, nested in either order (train.py compiles its DDP model: `_orig_mod.module.`). A prefix
+    is stripped only when every key has it; the note says which, None if none was.
+    """
+    wrappers = []
+    while prefix := next((p for p in WRAPPERS if state_dict and all(k.startswith(p) for k in state_dict)), None):
+        state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+        wrappers.append(prefix)
+    if not wrappers:
+        return state_dict, None
+    return state_dict, (f"stripped {''.join(wrappers)!r} from every key (a model wrapped by "
+                        f"{' around '.join(WRAPPERS[p] for p in wrappers)})")
+
+
+def first_mismatch(state_dict: dict, model: nn.Module) -> str | None:
+    """The first parameter in which state_dict does not fit model, in words; None if it fits strictly.
+
+    A parameter missing from state_dict while every key has a prefix that no wrapper of WRAPPERS adds
+    ('backbone.', 'model.', ...) and under which the parameter is there: the prefix is named instead, as
+    stripping an unknown prefix silently could load weights that are not the model's.
+    """
+    own = model.state_dict()
+    for k, mine in own.items():
+        theirs = state_dict.get(k)
+        if theirs is None:
+            first = next(iter(state_dict), "")
+            for prefix in (first[:i + 1] for i, c in enumerate(first) if c == "."):
+                if prefix + k in state_dict and all(key.startswith(prefix) for key in state_dict):
+                    return (f"all keys start with {prefix!r}, a prefix of no known wrapper (DDP's 'module.', "
+                            f"torch.compile's '_orig_mod.'); {k} is there as {prefix + k!r}: if these are the "
+                            f"model's weights, save them with {prefix!r} removed from the keys")
+            return f"{k} {tuple(mine.shape)} is missing from the checkpoint"
+        if theirs.shape != mine.shape:
+            return f"{k} is {tuple(theirs.shape)} in the checkpoint, {tuple(mine.shape)} in the model"
+    extra = next((k for k in state_dict if k not in own), None)
+    return extra and f"{extra} {tuple(state_dict[extra].shape)} in the checkpoint has no place in the model"
+
+
+def model_facts(state_dict: dict) -> dict:
+    """What weights in timm's names say of their model, each fact only if they hold it: classes (the
+    classifier's rows), in_chans (the patch embedding's), img_size (ViT: the position grid times the
+    patch) and window (Swin: the first relative-position bias table's)."""
+    facts = {}
+    head = state_dict.get("head.weight", state_dict.get("head.fc.weight"))
+    if head is not None and head.dim() == 2:
+        facts["classes"] = head.shape[0]
+    proj, pos = state_dict.get("patch_embed.proj.weight"), state_dict.get("pos_embed")
+    if proj is not None and proj.dim() == 4:
+        facts["in_chans"] = proj.shape[1]
+        if pos is not None and pos.dim() == 3:  # the class token's position, then the patches' grid
+            facts["img_size"] = math.isqrt(pos.shape[1] - 1) * proj.shape[-1]
+    table = next((v for k, v in state_dict.items() if k.endswith("relative_position_bias_table")), None)
+    if table is not None:
+        facts["window"] = (math.isqrt(table.shape[0]) + 1) // 2
+    return facts
 
 
 # ----------------------------------------------------------------------------- weights of another shape
@@ -126,16 +218,18 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
 def adapt_state_dict(state_dict: dict, model: nn.Module, reset_head: bool = True) -> tuple[dict, list[str]]:
     """A checkpoint's state dict made to fit model: (state dict, notes), a line per kind of change.
 
-    The result loads with model.load_state_dict(strict=True). Adapted: the position embedding to the
-    model's token grid, Swin's bias tables to its windows, the patch-embedding kernels to its input
-    channels and, if reset_head, the classifier (`head` / Swin's `head.fc`) to its class count, by
-    taking the model's own fresh one. A distilled DeiT's distillation token, its position and its head are
-    dropped; Swin's position indices and shift masks are never read (the model computes them). Anything
-    else raises ValueError naming the first parameter that does not fit and both shapes.
+    The result loads with model.load_state_dict(strict=True). Adapted: the keys of a wrapped model
+    (unwrap_state_dict), the position embedding to the model's token grid, Swin's bias tables to its
+    windows, the patch-embedding kernels to its input channels and, if reset_head, the classifier
+    (`head` / Swin's `head.fc`) to its class count, by taking the model's own fresh one. A distilled
+    DeiT's distillation token, its position and its head are dropped; Swin's position indices and shift
+    masks are never read (the model computes them). Anything else raises ValueError naming the first
+    parameter that does not fit and both shapes (first_mismatch).
     """
     own = model.state_dict()
-    sd = {k: v for k, v in state_dict.items() if not k.endswith(("relative_position_index", "attn_mask"))}
-    notes = []
+    sd, unwrapped = unwrap_state_dict(state_dict)
+    sd = {k: v for k, v in sd.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    notes = [unwrapped] if unwrapped else []
     if "dist_token" in sd and "dist_token" not in own:
         dropped = ["dist_token"] + [k for k in sd if k.startswith("head_dist.")]
         for k in dropped:
@@ -147,11 +241,9 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, reset_head: bool = True
     tables, head = set(), None
     for k, mine in own.items():
         theirs = sd.get(k)
-        if theirs is None:
-            raise ValueError(f"{k} {tuple(mine.shape)} is missing from the checkpoint")
-        # the dimensions in which the shapes differ; None for different ranks
+        # the dimensions in which the shapes differ; None for a missing key or different ranks
         diff = [i for i in range(mine.dim()) if theirs.shape[i] != mine.shape[i]] \
-            if theirs.dim() == mine.dim() else None
+            if theirs is not None and theirs.dim() == mine.dim() else None
         if diff == []:
             continue
         if k == "pos_embed" and diff == [1]:
@@ -171,11 +263,9 @@ def adapt_state_dict(state_dict: dict, model: nn.Module, reset_head: bool = True
         elif reset_head and k.startswith("head.") and diff == [0]:
             sd[k] = mine  # the model's own fresh initialisation
             head = (theirs.shape[0], mine.shape[0])
-        if sd[k].shape != mine.shape:
-            raise ValueError(f"{k} is {tuple(theirs.shape)} in the checkpoint, {tuple(mine.shape)} in the model")
-    extra = [k for k in sd if k not in own]
-    if extra:
-        raise ValueError(f"{extra[0]} {tuple(sd[extra[0]].shape)} in the checkpoint has no place in the model")
+    mismatch = first_mismatch(sd, model)  # what no rule above adapts
+    if mismatch:
+        raise ValueError(mismatch)
     if tables:
         notes.append(f"relative-position bias tables resized for windows {', '.join(sorted(tables))} (bicubic)")
     if head:

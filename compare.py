@@ -77,7 +77,7 @@ STUDIES = {
 MODELS = ["vit_mini", "swin_mini"]
 # flags of train.py that compare.py sets itself, per run
 OWN_FLAGS = {"--data", "--model", "--target", "--mix", "--cutmix-mode", "--seed", "--epochs", "--subset",
-             "--holdout", "--output-dir", "--resume"}
+             "--holdout", "--output-dir", "--resume", "--overwrite"}
 
 
 def train_command(run, extra):
@@ -147,9 +147,12 @@ def claim(run):
 
 
 def command_now(run):
-    """The command that takes a run to its end: from its checkpoint if an earlier attempt left one."""
+    """The command that takes a run to its end: from its checkpoint if an earlier attempt left one; anew,
+    replacing what it left (train.py refuses a folder holding a run unless told), if it left no checkpoint."""
     checkpoint = os.path.join(run["dir"], "checkpoint.pt")
-    return run["cmd"] + (["--resume", checkpoint] if os.path.exists(checkpoint) else [])
+    if os.path.exists(checkpoint):
+        return run["cmd"] + ["--resume", checkpoint]
+    return run["cmd"] + (["--overwrite"] if os.path.exists(os.path.join(run["dir"], "log.jsonl")) else [])
 
 
 def read_json(path, default):
@@ -411,20 +414,27 @@ def calibration_table(runs, args):
                          f" | {statistics.mean(s['wall'] for s in stats) / 60:.1f} |")
     lines += ["", "Paired differences (points, mean ± 95% interval over seeds):", "",
               f"| difference | {head} |", "|---|" + "---|" * len(epochs)]
-    counts = set(epochs)
+    counts, decided = set(epochs), True
     for arm, base in (("area", "none"), ("oracle", "area")):
         pairs = paired(by_arm.get(arm, []), by_arm.get(base, []))
+        decided &= len(pairs) > 1
         if not pairs:
             counts = set()
             continue
         diffs = {e: [a["top1"][e] - b["top1"][e] for a, b in pairs] for e in epochs}
         counts &= {e for e in epochs if len(pairs) > 1 and verdict(diffs[e]).endswith("(higher)")}
-        lines.append(f"| {arm} − {base} ({len(pairs)} seeds) | " + " | ".join(verdict(diffs[e]) for e in epochs)
+        lines.append(f"| {arm} − {base} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) | " + " | ".join(verdict(diffs[e]) for e in epochs)
                      + " |")
-    lines += ["", "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above "
-              f"0) at epoch {', '.join(map(str, sorted(counts)))}." if counts else
-              "**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or the oracle "
-              "does not beat area, with an interval above 0."]
+    if not decided:
+        verdict_line = ("**Not decided yet**: the regime counts if CutMix beats no mixing and the oracle beats area, "
+                        "both with a 95% interval above 0; that needs at least 2 seeds of each pair.")
+    elif counts:
+        verdict_line = ("**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals "
+                        f"above 0) at epoch {', '.join(map(str, sorted(counts)))}.")
+    else:
+        verdict_line = ("**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or "
+                        "the oracle does not beat area, with an interval above 0.")
+    lines += ["", verdict_line]
     return lines
 
 

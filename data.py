@@ -7,6 +7,7 @@ What is here, top to bottom:
                                  small on clutter, the regime where CutMix's lam is far from the truth
   load_small                     those, CIFAR-10/100 (python pickles) and synthetic, all as uint8 tensors of
                                  32x32 images held in memory (TensorData)
+  CifarUnpickler                 reads CIFAR's pickles without running code from them
   random_crop_flip, normalize    the small-image train augmentation, on whole batches of tensors
   epoch_order                    one epoch's sample indices of every rank, optionally each repeated
   RepeatedAugSampler             repeated augmentation for a torch DataLoader (DeiT's RASampler, sized anew)
@@ -46,6 +47,14 @@ import torch.nn.functional as F
 
 class DataError(Exception):
     """A data set is missing or malformed; the one-line message names the path and the expected layout."""
+
+    def __init__(self, message):
+        # raised in a DataLoader worker, it comes back as "Caught DataError in DataLoader worker process N.
+        # Original Traceback ...": keep its last line, the message itself, so that workers or not it reads
+        # the same
+        if message.startswith("Caught DataError"):
+            message = message.rstrip().splitlines()[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
 
 
 # Facts per dataset. img_size is what the model sees: the small sets are all delivered at 32x32, one
@@ -257,6 +266,29 @@ CIFAR_FILES = {  # name: (title, folder, train files, test files, label key, the
 }
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that CifarUnpickler does not resolve; the message is its dotted name."""
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler for CIFAR's files that never runs code from them.
+
+    A pickle calls whatever its globals name (os.system as readily as numpy's functions); the only
+    globals resolved here are those numpy arrays pickle with, which is all a CIFAR file names (the
+    dicts, lists, bytes and ints around them need none). numpy 1 wrote numpy.core.multiarray, numpy 2
+    writes numpy._core.multiarray. Any other global raises RefusedGlobal before anything is called.
+    """
+    _reconstruct = np.empty(0).__reduce__()[0]  # numpy's array reconstruction, wherever this numpy keeps it
+    GLOBALS = {('numpy.core.multiarray', '_reconstruct'): _reconstruct,
+               ('numpy._core.multiarray', '_reconstruct'): _reconstruct,
+               ('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.GLOBALS:
+            raise RefusedGlobal(f'{module}.{name}')
+        return self.GLOBALS[module, name]
+
+
 def _load_cifar(name, path, train):
     """CIFAR split under path (the folder holding cifar-10-batches-py/, or that folder itself):
     images (N, 3, 32, 32) uint8, labels (N,) int64."""
@@ -275,10 +307,10 @@ def _load_cifar(name, path, train):
             raise DataError(f'{title} not found: {file} is missing; {expected}')
         try:
             with open(file, 'rb') as f:
-                batch = pickle.load(f, encoding='bytes')  # Python 2 pickles: their strings load as bytes
+                batch = CifarUnpickler(f, encoding='bytes').load()  # Python 2 pickles: strings load as bytes
         except Exception as e:  # a damaged pickle can fail in many ways; all mean "replace the file"
-            raise DataError(f'{title} file unreadable: {file} is not a valid pickle ({type(e).__name__}); '
-                            f'{expected}') from None
+            why = f'it names {e}, which no CIFAR file holds' if isinstance(e, RefusedGlobal) else type(e).__name__
+            raise DataError(f'{title} file unreadable: {file} is not a valid pickle ({why}); {expected}') from None
         data = np.asarray(batch.get(b'data', [])) if isinstance(batch, dict) else np.zeros(0)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or label_key not in batch \
                 or len(batch[label_key]) != len(data):

@@ -197,11 +197,24 @@ def _check_imagenet(path):
 def load_imagenet(path, train, img_size=224):
     """The train or val split under path as a torchvision ImageFolder; items are (image (3, img_size,
     img_size) float normalised, class index) through imagenet_transform. Class indices follow the sorted
-    folder names."""
+    folder names; an image that cannot be read raises a DataError naming it (read_image)."""
     from torchvision import datasets
     _check_imagenet(path)
     root = os.path.join(path, 'train' if train else 'val')
-    return datasets.ImageFolder(root, imagenet_transform(train, img_size))
+    return datasets.ImageFolder(root, imagenet_transform(train, img_size), loader=read_image)
+
+
+def read_image(path):
+    """An image file as an RGB PIL image, or a DataError naming the file: an unreadable image stops the run
+    with one line, not a PIL traceback (a truncated JPEG's own error does not name the file)."""
+    from PIL import Image
+    try:
+        with open(path, 'rb') as f:
+            image = Image.open(f)
+            return image.convert('RGB')  # decodes the whole file, here, inside the try
+    except Exception as e:  # truncated, empty, not an image, unreadable: all mean "replace this file"
+        raise DataError(f'image {path} cannot be read ({type(e).__name__}: {e}); replace or remove it, then '
+                        f'continue the run with --resume (its last checkpoint is kept)') from None
 
 
 def class_balanced_subset(targets, n, seed):

@@ -191,3 +191,5 @@ def test_calibration_report_reads_every_evaluated_epoch_and_says_whether_the_reg
     assert "| oracle − area (3 seeds) | +0.50 ± 1.24 (no difference) | +5.50 ± 1.24 (higher) |" in text
     assert "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above 0) " \
            "at epoch 4." in text
+    early = [r for r in runs if r["arm"] != "oracle" or r["seed"] == 0]  # one oracle seed: no interval yet
+    assert "**Not decided yet**" in "\n".join(compare.calibration_table(early, args))

@@ -4,7 +4,9 @@ ImageNet pipeline's are in test_imagenet.py."""
 import gzip
 import io
 import math
+import os
 import pickle
+import shlex
 import struct
 from dataclasses import replace
 
@@ -183,6 +185,37 @@ def test_cifar_errors(tmp_path):
     assert_data_error(lambda: load_small('cifar10', str(root), True), root)
     write_cifar_batch(root / 'data_batch_3', [cifar_row(1, 2, 3)], labels=[9])
     assert load_small('cifar10', str(root), True).labels.tolist() == [0, 0, 9, 0, 0]
+
+
+class Payload:
+    """Unpickled, calls call(*args): what a crafted pickle can make pickle.load do."""
+
+    def __init__(self, call, *args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+@pytest.mark.parametrize('payload', ['open', 'system'])
+def test_a_crafted_cifar_pickle_runs_no_code(tmp_path, payload):
+    root = tmp_path / 'cifar-10-batches-py'
+    root.mkdir()
+    marker = tmp_path / 'ran'
+    call, args, named = {'open': (open, (str(marker), 'w'), 'io.open'),
+                         'system': (os.system, (f'touch {shlex.quote(str(marker))}',), f'{os.name}.system')}[payload]
+    for i in range(1, 6):  # a valid batch otherwise, the payload under a key of its own
+        write_cifar_batch(root / f'data_batch_{i}', [cifar_row(1, 2, 3)], labels=[0],
+                          extra={b'payload': Payload(call, *args)} if i == 2 else None)
+    with open(root / 'data_batch_2', 'rb') as f:  # plain pickle.load runs it: the payload is real
+        pickle.load(f, encoding='bytes')
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(DataError) as error:
+        load_small('cifar10', str(tmp_path), train=True)
+    message = str(error.value)
+    assert not marker.exists()
+    assert '\n' not in message and str(root / 'data_batch_2') in message and f'it names {named},' in message, message
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests of checkpoint.py and --finetune: the file formats, the resizes, the channel and head rules, the errors.
+"""Tests of checkpoint.py, --finetune and --resume's weights: the file formats, the resizes, the channel and head
+rules, wrapped models' keys, the errors.
 
 Checkpoints are written here in each format's exact layout, from real timm models built from their local
 configs (never downloaded); the resizes are checked against cubic convolution written out below.
@@ -13,6 +14,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from PIL import Image
 from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
@@ -24,6 +26,7 @@ import train
 import vit
 
 SMALL = ["--subset", "256", "--batch-size", "64", "--log-every", "1000"]
+ONE_STEP = ["--subset", "32", "--batch-size", "32", "--log-every", "1000"]  # an epoch of one step
 
 
 def timm_swin_mini():
@@ -232,8 +235,13 @@ def test_distilled_deit_loses_its_distillation_token():
 
 # ----------------------------------------------------------------------------- errors
 
-def write_checkpoints(tmp_path):
-    """Checkpoints that do not fit vit_mini on the synthetic set, each in train.py's layout."""
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A folder of checkpoints that do not fit vit_mini on the synthetic set, written once for all cases:
+    other models' weights in train.py's layout (some with the args of the run that saved them), weights
+    under an unknown prefix, a pickled model."""
+    tmp_path = tmp_path_factory.mktemp("checkpoints")
+
     def save(name, model, **extra):
         torch.save({"model": {**model.state_dict(), **extra}}, tmp_path / name)
 
@@ -244,6 +252,18 @@ def write_checkpoints(tmp_path):
     save("five.pt", vit.create_model("vit_mini", num_classes=5))
     torch.save({"model": "weights"}, tmp_path / "empty.pt")
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+    torch.save(vit.create_model("vit_mini", num_classes=10), tmp_path / "whole.pt")  # the model, not its weights
+    sd = vit.create_model("vit_mini", num_classes=10).state_dict()
+    torch.save({"model": {"backbone." + k: v for k, v in sd.items()}}, tmp_path / "backbone.pt")
+
+    def save_run(name, model, data, img_size=None, window_size=None, **build):  # with the args train.py saves
+        torch.save({"model": vit.create_model(model, img_size=img_size, **build).state_dict(),
+                    "args": dict(model=model, data=data, img_size=img_size, window_size=window_size)}, tmp_path / name)
+
+    save_run("folders.pt", "vit_mini", "imagenet", img_size=48, num_classes=2)
+    save_run("garments.pt", "vit_mini", "fashion_mnist", num_classes=10, in_chans=1)
+    save_run("swin_run.pt", "swin_mini", "synthetic", num_classes=10)
+    return tmp_path
 
 
 ERRORS = {  # arguments -> what the one line must say
@@ -256,6 +276,26 @@ ERRORS = {  # arguments -> what the one line must say
     "corrupt": (["--finetune", "{tmp}/corrupt.pth"], "cannot be read"),
     "missing": (["--finetune", "{tmp}/nowhere.pth"], "not found"),
     "with_resume": (["--finetune", "{tmp}/five.pt", "--resume", "{tmp}/five.pt"], "give one"),
+    "pickled_model": (["--finetune", "{tmp}/whole.pt"], "checkpoint {tmp}/whole.pt is a whole pickled model "
+                      "(vit.VisionTransformer, as torch.save(model) writes it), which cannot be loaded without running "
+                      "code from the file: save model.state_dict() instead"),
+    "pickled_model_eval": (["--eval", "--resume", "{tmp}/whole.pt"], "save model.state_dict() instead"),
+    "unknown_prefix": (["--finetune", "{tmp}/backbone.pt"], "all keys start with 'backbone.', a prefix of no known "
+                       "wrapper (DDP's 'module.', torch.compile's '_orig_mod.'); cls_token is there as "
+                       "'backbone.cls_token'"),
+    "unknown_prefix_resume": (["--resume", "{tmp}/backbone.pt"], "all keys start with 'backbone.'"),
+    "unknown_prefix_eval": (["--eval", "--resume", "{tmp}/backbone.pt"], "all keys start with 'backbone.'"),
+    "resume_other_classes_and_size": (["--resume", "{tmp}/folders.pt"], "does not fit --model vit_mini on --data "
+                                      "synthetic: saved with 2 classes (--data imagenet), this run has 10 (--data "
+                                      "synthetic); saved with 48 px images (--img-size 48), this run has 32 (--data "
+                                      "synthetic); to start a new run from these weights, adapted, use --finetune"),
+    "resume_other_channels": (["--resume", "{tmp}/garments.pt"], "saved with 1-channel images (--data fashion_mnist), "
+                              "this run has 3 (--data synthetic); to start"),
+    "resume_other_window": (["--model", "swin_mini", "--window-size", "2", "--resume", "{tmp}/swin_run.pt"],
+                            "saved with window 4 (--model swin_mini), this run has 2 (--window-size 2); to start"),
+    "resume_other_model": (["--resume", "{tmp}/swin_run.pt"], "saved with --model swin_mini, this run has --model "
+                           "vit_mini"),
+    "resume_other_depth": (["--resume", "{tmp}/shallow.pt"], "blocks.4.norm1.weight (96,) is missing"),
     "img_size_small_data": (["--img-size", "48"], "--img-size: --data synthetic is held in memory at 32 px"),
     "window_on_vit": (["--window-size", "2"], "--window-size is for Swin models"),
 }
@@ -266,8 +306,12 @@ def test_unusable_files_raise_checkpoint_error_and_checkpoint_py_stands_alone(tm
     of this repository, so that train.py's error type cannot tie the two into a cycle."""
     (tmp_path / "corrupt.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
     torch.save({"model": "weights"}, tmp_path / "empty.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "linear.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)  # torch < 1.6
     for name, message in [("nowhere.pth", "not found"), ("corrupt.pth", "cannot be read"),
-                          ("empty.pt", "holds no model weights"), (".", "is a directory")]:
+                          ("empty.pt", "holds no model weights"), (".", "is a directory"),
+                          ("linear.pt", r"is a whole pickled model \(torch.nn.modules.linear.Linear, "),
+                          ("legacy.pt", "cannot be read")]:
         with pytest.raises(checkpoint.CheckpointError, match=message):
             checkpoint.load_checkpoint(str(tmp_path / name))
     code = "import sys, checkpoint; print(sorted({'data', 'tl_align', 'train', 'vit'} & set(sys.modules)))"
@@ -277,14 +321,85 @@ def test_unusable_files_raise_checkpoint_error_and_checkpoint_py_stands_alone(tm
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_errors_exit_2_with_one_line(tmp_path, capsys, case):
-    write_checkpoints(tmp_path)
+def test_errors_exit_2_with_one_line(tmp_path, capsys, checkpoints, case):
     args, message = ERRORS[case]
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    args, message = [a.replace("{tmp}", str(checkpoints)) for a in args], message.replace("{tmp}", str(checkpoints))
     code, _, err = run_main([*SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args], capsys)
     assert code == 2, err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
+
+
+# ----------------------------------------------------------------------------- wrapped models
+
+WRAPPERS = {  # the prefix on every key: the wrapping that puts it there, and the wrappers the run names
+    "module.": (nn.DataParallel, "DDP / DataParallel"),
+    "_orig_mod.": (torch.compile, "torch.compile"),
+    "_orig_mod.module.": (lambda m: torch.compile(nn.DataParallel(m)), "torch.compile around DDP / DataParallel"),
+    "module._orig_mod.": (lambda m: nn.DataParallel(torch.compile(m)), "DDP / DataParallel around torch.compile"),
+}
+
+
+@pytest.mark.parametrize("prefix", list(WRAPPERS))
+def test_wrapped_models_weights_are_unwrapped_for_eval_finetune_and_resume(tmp_path, capsys, monkeypatch, prefix):
+    """The state dict of a model inside the real wrappers (DataParallel runs on a CPU; torch.compile compiles
+    nothing until called): --finetune and --resume evaluate exactly the inner model's weights, and say so."""
+    torch.manual_seed(8)
+    inner = vit.create_model("vit_mini", num_classes=10)
+    wrap, wrappers = WRAPPERS[prefix]
+    state = wrap(inner).state_dict()
+    assert all(k.startswith(prefix) for k in state)
+    torch.save({"model": state}, tmp_path / "wrapped.pt")
+    evaluated = []
+
+    def evaluate(model, *rest):  # the weights --eval evaluates, without spending the time
+        evaluated.append({k: v.clone() for k, v in model.state_dict().items()})
+        return 50.0, 90.0
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    for flag in ("--finetune", "--resume"):
+        code, out, err = run_main(["--eval", flag, str(tmp_path / "wrapped.pt"), *ONE_STEP,
+                                   "--output-dir", str(tmp_path / "run")], capsys)
+        assert code == 0, err
+        assert f"{flag[2:]}: stripped {prefix!r} from every key (a model wrapped by {wrappers})" in out
+    expected = inner.state_dict()
+    assert len(evaluated) == 2
+    for loaded in evaluated:
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_only_a_prefix_that_every_key_has_is_stripped():
+    t = torch.zeros(1)
+    assert checkpoint.unwrap_state_dict({"module.a": t, "b": t}) == ({"module.a": t, "b": t}, None)
+    state, note = checkpoint.unwrap_state_dict({"module.module.a": t})  # DataParallel inside DataParallel
+    assert list(state) == ["a"]
+    assert note == "stripped 'module.module.' from every key (a model wrapped by DDP / DataParallel around DDP / " \
+                   "DataParallel)"
+
+
+def test_a_run_resumes_exactly_from_a_compiled_ddp_models_checkpoint(tmp_path, capsys, monkeypatch):
+    """A run's checkpoint.pt with its keys as a compiled DDP model's state dict has them (`_orig_mod.module.`,
+    train.py's own wrapping): --resume continues exactly as from the file itself."""
+    load = train.data.load_small
+
+    def small_val(name, path, **kw):  # validation on 64 images: the weights are the point here
+        return load(name, path, **{**kw, "subset": kw.get("subset") if kw["train"] else 64})
+
+    monkeypatch.setattr(train.data, "load_small", small_val)
+    first = tmp_path / "first"
+    assert run_main(["--epochs", "1", *ONE_STEP, "--output-dir", str(first)], capsys)[0] == 0
+    ckpt = torch.load(first / "checkpoint.pt", weights_only=True)
+    ckpt["model"] = {"_orig_mod.module." + k: v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "wrapped.pt")
+    for name, path in (("plain", first / "checkpoint.pt"), ("wrapped", tmp_path / "wrapped.pt")):
+        code, out, err = run_main(["--epochs", "2", *ONE_STEP, "--resume", str(path),
+                                   "--output-dir", str(tmp_path / name)], capsys)
+        assert code == 0, err
+    assert "resume: stripped '_orig_mod.module.' from every key (a model wrapped by torch.compile around DDP / " \
+           "DataParallel)" in out
+    plain, resumed = (torch.load(tmp_path / name / "checkpoint.pt", weights_only=True) for name in ("plain", "wrapped"))
+    assert plain["epoch"] == resumed["epoch"] == 1
+    assert all(torch.equal(plain["model"][k], resumed["model"][k]) for k in plain["model"])
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -322,7 +322,7 @@ def test_holdout_validates_on_the_last_training_samples():
     assert torch.equal(val_set.images, torch.from_numpy(images[300:])) and torch.equal(val_set.masks,
                                                                                        torch.from_numpy(masks[300:]))
     assert not train_loader.augment
-    x, y = next(iter(train_loader))  # --no-augment: the images as they are, only normalised
+    x, y, _ = next(iter(train_loader))  # --no-augment: the images as they are, only normalised (and masks)
     order = torch.randperm(300, generator=torch.Generator().manual_seed(args.seed))[:100]
     assert torch.equal(x, data.normalize(train_loader.data.images[order], *(data.DATASETS["synthetic"][k]
                                                                            for k in ("mean", "std"))))

@@ -23,6 +23,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -133,7 +134,10 @@ def get_args(argv=None, world=None):
     p.add_argument("--workers", type=int, default=None,
                    help="ImageNet loader processes per GPU (default: the CPUs this process may use divided by "
                         "torchrun's LOCAL_WORLD_SIZE, at least 1, at most 10 as in DeiT)")
-    p.add_argument("--output-dir", default="runs/default")
+    p.add_argument("--output-dir", default=None,
+                   help="where the log and checkpoints go (default: a new runs/<time>-<data>-<model>, linked as "
+                        "runs/latest; with --resume, the checkpoint's folder); a folder holding a run is refused")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (or to evaluate with --eval)")
     p.add_argument("--finetune", default=None,
                    help="start a new run from these weights: train.py's, DeiT's, timm's (.pth, .bin, .safetensors)")
@@ -157,6 +161,13 @@ def get_args(argv=None, world=None):
     if args.workers is None:
         args.workers = default_workers()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.new_folder = args.output_dir is None and args.resume is None  # runs/<time>-..., and runs/latest to it
+    if args.output_dir is None:  # a new folder per run, so that running twice loses nothing
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.output_dir = os.path.dirname(args.resume) if args.resume else \
+            os.path.join("runs", f"{stamp}-{args.data}-{args.model}")
+        while args.new_folder and os.path.exists(args.output_dir):  # two runs started within one second
+            args.output_dir += "+"
     args.world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     args.lr, args.warmup_lr, args.min_lr = rates(args)
     return args
@@ -174,7 +185,8 @@ def default_workers():
 
 def check_args(args):
     """Refuse settings that cannot train, with the one line that says what to change."""
-    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every", "img_size", "window_size", "repeats"):
+    for flag in ("epochs", "batch_size", "subset", "holdout", "eval_every", "img_size", "window_size", "repeats",
+                 "log_every"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be at least 1")
@@ -182,8 +194,13 @@ def check_args(args):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')} {value}: must be positive")
-    if args.workers < 0:
-        raise UserError(f"--workers {args.workers}: must be 0 (load in the training process) or more")
+    for flag, value, low, high in (("smoothing", args.smoothing, 0, 1), ("drop-path", args.drop_path, 0, 1)):
+        if not low <= value < high:  # smoothing 1 trains on a flat target; drop path 1 drops every block
+            raise UserError(f"--{flag} {value}: must be in [{low}, {high})")
+    for flag in ("weight_decay", "warmup_epochs", "clip_grad", "workers", "seed"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag.replace('_', '-')} {value}: must be 0 or more")
     if args.data == "imagenet" and args.augment is False:
         raise UserError("--no-augment is for the small data sets; ImageNet trains with DeiT's transforms")
     if args.holdout is not None and args.data == "imagenet":
@@ -214,6 +231,10 @@ def setup_distributed(args):
         device = torch.device(args.device)
     except RuntimeError:
         raise UserError(f"--device {args.device}: not a device; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {args.device}: not supported; use cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {args.device}: MPS (Apple GPUs) is not available here; use --device cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"--device {args.device}: CUDA is not available here; use --device cpu")
@@ -236,6 +257,9 @@ def build_data(args, rank, device):
         train_set = imagenet.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
         val_set = imagenet.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
         info["num_classes"] = len(train_set.classes)
+        if info["num_classes"] < 2:  # one class trains to a meaningless 100%
+            raise UserError(f"{args.data_path}/train holds {info['num_classes']} class folder; a classifier needs "
+                            f"at least 2")
         if args.subset is not None:
             # validation covers every class: so must training, or those classes can only be got wrong
             if args.subset < info["num_classes"]:
@@ -496,9 +520,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, args, device, a
                 dist.all_reduce(totals)  # every rank reads the same sums: all stop together
             loss_sum, bad, *errors = totals.tolist()
             if bad:
+                saved = os.path.join(args.output_dir, "checkpoint.pt")
+                kept = f"the last checkpoint, {saved}, is intact" if os.path.isfile(saved) else "nothing was saved yet"
                 raise UserError(f"non-finite loss in epoch {epoch}, steps {last_log + 1}-{step + 1}; training "
-                                f"stopped, the last checkpoint in {args.output_dir} is intact: lower --lr, set "
-                                f"--clip-grad or --amp off")
+                                f"stopped, {kept}: lower --lr, set --clip-grad or --amp off")
             last_log, rate = step + 1, seen * args.world / (time.time() - t0)
             log(f"epoch {epoch} [{step + 1}/{steps}] loss {loss_sum / (seen * args.world):.4f} "
                 f"lr {lr:.2e} {rate:.0f} img/s eta {(steps - step - 1) * len(x) * args.world / rate:.0f}s")
@@ -536,17 +561,47 @@ def build_optimizer(args, model, device, steps_per_epoch):
     return optimizer, scheduler, scaler, autocast, amp
 
 
-def resume_from(args, model, optimizer, scheduler, scaler):
-    """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best)."""
+def what_differs(args, saved, state, model):
+    """Why the weights of another run do not fit this one, in the flags that decided it: "saved with 10
+    classes (--data fashion_mnist), this run has 100 (--data cifar100)", for every fact --finetune adapts;
+    saved: the other run's args, as far as its checkpoint holds them. Else another --model, or the first
+    parameter that differs (checkpoint.first_mismatch)."""
+    if saved.get("model") in vit.PRESETS and saved["model"] != args.model:
+        return f"saved with --model {saved['model']}, this run has --model {args.model}"
+
+    def given(run, *flags):  # the first of flags that run set: " (--data cifar100)"
+        flag = next((f for f in flags if run.get(f) is not None), None)
+        return f" (--{flag.replace('_', '-')} {run[flag]})" if flag else ""
+
+    theirs, mine = checkpoint.model_facts(state), checkpoint.model_facts(model.state_dict())
+    words = {"classes": ("{} classes", "data"), "in_chans": ("{}-channel images", "data"),
+             "img_size": ("{} px images", "img_size", "data"), "window": ("window {}", "window_size", "model")}
+    differences = []
+    for fact, (word, *flags) in words.items():
+        if fact in theirs and fact in mine and theirs[fact] != mine[fact]:
+            differences.append(f"saved with {word.format(theirs[fact])}{given(saved, *flags)}, "
+                               f"this run has {mine[fact]}{given(vars(args), *flags)}")
+    if differences:
+        return "; ".join(differences) + "; to start a new run from these weights, adapted, use --finetune"
+    return checkpoint.first_mismatch(state, model)
+
+
+def resume_from(args, model, optimizer, scheduler, scaler, log):
+    """Load --resume into the model and, unless --eval, the optimizer state; returns (start epoch, best,
+    pending): pending, the training figures of the checkpoint's epoch if it was saved before its evaluation
+    and log line (then the run starts by evaluating it), else None. The weights of a wrapped model (DDP's
+    `module.`, torch.compile's `_orig_mod.`) are unwrapped first."""
     ckpt = checkpoint.load_checkpoint(args.resume)
+    state, unwrapped = checkpoint.unwrap_state_dict(ckpt["model"])
+    if unwrapped:
+        log(f"resume: {unwrapped}")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError:
-        raise UserError(f"checkpoint {args.resume} is for another model than --model {args.model} on "
-                        f"--data {args.data} (saved with {ckpt.get('args', {}).get('model')}); --finetune "
-                        f"adapts weights of another size, class or channel count") from None
+        raise UserError(f"checkpoint {args.resume} does not fit --model {args.model} on --data {args.data}: "
+                        f"{what_differs(args, ckpt.get('args') or {}, state, model)}") from None
     if args.eval:
-        return 0, 0.0
+        return 0, 0.0, None
     if not {"optimizer", "scheduler", "scaler", "epoch", "best_top1"} <= ckpt.keys():
         raise UserError(f"{args.resume} holds weights only (best.pt?): resume from checkpoint.pt, "
                         f"evaluate it with --eval or start a new run from it with --finetune")
@@ -554,11 +609,12 @@ def resume_from(args, model, optimizer, scheduler, scaler):
     scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"]:  # empty when the run had no fp16 loss scaling
         scaler.load_state_dict(ckpt["scaler"])
-    start_epoch = ckpt["epoch"] + 1
+    pending = ckpt.get("pending")
+    start_epoch = ckpt["epoch"] + (0 if pending else 1)
     if start_epoch >= args.epochs:
         raise UserError(f"{args.resume} has finished epoch {ckpt['epoch']} of --epochs {args.epochs}: "
                         f"nothing left to train; raise --epochs to continue")
-    return start_epoch, ckpt["best_top1"]
+    return start_epoch, ckpt["best_top1"], pending
 
 
 def distribute(args, model, device):
@@ -573,16 +629,18 @@ def distribute(args, model, device):
     return model
 
 
-def log_epoch(args, epoch, train_loss, rate, lr, errors, top1, top5, mae, seconds, log):
-    """Append the epoch's record to log.jsonl and print its line.
+def log_epoch(args, epoch, trained, top1, top5, mae, log):
+    """Append the epoch's record to log.jsonl and print its line; trained: the figures of its training
+    (train_loss, rate, lr, errors as train_one_epoch returns them, seconds).
 
     train_target_*: how right the labels this run trained on were (CutMix batches, data with masks): the
     mean |share of image 1 - true share| over pairs showing some object, and the share of those pairs
     with a ghost label (truth.target_errors).
     """
-    error_sum, shown, ghosts = errors or (0, 0, 0)
+    train_loss, rate, seconds = trained["train_loss"], trained["rate"], trained["seconds"]
+    error_sum, shown, ghosts = trained["errors"] or (0, 0, 0)
     record = dict(epoch=epoch, train_loss=train_loss, val_top1=top1, val_top5=top5,
-                  lr=lr, epoch_time_s=seconds, img_per_s=rate,
+                  lr=trained["lr"], epoch_time_s=seconds, img_per_s=rate,
                   label_mae_area=mae and mae["area"], label_mae_tl=mae and mae["tl"],
                   label_mae_transmix=mae and mae["transmix"],
                   train_target_mae=error_sum / shown if shown else None,
@@ -594,16 +652,49 @@ def log_epoch(args, epoch, train_loss, rate, lr, errors, top1, top5, mae, second
     log(f"epoch {epoch}: train loss {train_loss:.4f}{val}{maes} ({seconds:.0f}s, {rate:.0f} img/s)")
 
 
+RUN_FILES = ("checkpoint.pt", "log.jsonl")  # a folder holding either holds a run
+
+
+def prepare_output_dir(args):
+    """Make --output-dir, refusing one that holds another run or cannot be written, before any training.
+
+    A run is never replaced unless told: the folder may hold a run only if --resume continues it, or with
+    --overwrite (whose old files then go). A new default folder is linked as runs/latest.
+    """
+    out = args.output_dir
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    continues = args.resume and os.path.realpath(os.path.dirname(args.resume)) == os.path.realpath(out)
+    if held and not continues:
+        if not args.overwrite:
+            raise UserError(f"--output-dir {out} holds a run ({', '.join(held)}): continue it with --resume "
+                            f"{os.path.join(out, 'checkpoint.pt')}, replace it with --overwrite, or choose another "
+                            f"--output-dir")
+        for name in (*RUN_FILES, "best.pt"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        with open(probe, "w") as f:  # permissions, a read-only mount or a full disk show here, not an epoch later
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--output-dir {out} cannot be written ({e.strerror}); choose a writable directory") from None
+    if args.new_folder:  # runs/latest: the newest run, for visualize.py and for readers of runs/
+        latest = os.path.join(os.path.dirname(out), "latest")
+        try:
+            os.symlink(os.path.basename(out), latest + ".tmp")
+            os.replace(latest + ".tmp", latest)
+        except OSError:  # no symlinks here (some Windows setups): the run itself is unaffected
+            pass
+
+
 def run(args):
     check_args(args)
     rank, device = setup_distributed(args)
     log = print if rank == 0 else (lambda *a, **k: None)
     if rank == 0 and not args.eval:
-        try:
-            os.makedirs(args.output_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--output-dir {args.output_dir} cannot be created ({e.strerror}); "
-                            f"choose a writable directory") from None
+        prepare_output_dir(args)
     torch.manual_seed(args.seed)
     train_loader, val_loader, val_set, info = build_data(args, rank, device)
     if len(train_loader) == 0:
@@ -612,7 +703,11 @@ def run(args):
                         f"--batch-size {args.batch_size}; lower --batch-size or raise --subset")
     raw = build_model(args, info, log).to(device)
     optimizer, scheduler, scaler, autocast, amp = build_optimizer(args, raw, device, len(train_loader))
-    start_epoch, best = resume_from(args, raw, optimizer, scheduler, scaler) if args.resume else (0, 0.0)
+    if amp == "fp16" and device.type == "cpu":  # kept working: the tests use it as a stand-in for CUDA's fp16
+        log("warning: --amp fp16 on a CPU runs ~8x slower than float32 (no fp16 matrix kernels); use --amp bf16 "
+            "or --amp off")
+    start_epoch, best, pending = resume_from(args, raw, optimizer, scheduler, scaler, log) if args.resume else \
+        (0, 0.0, None)
     if args.eval:
         top1, top5 = evaluate(raw, val_loader, device, autocast)
         log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
@@ -625,33 +720,59 @@ def run(args):
     if rank == 0:
         drop_later_epochs(os.path.join(args.output_dir, "log.jsonl"), start_epoch)
     saved_args = {k: v for k, v in vars(args).items() if not isinstance(v, tuple)}
+
+    def save(name, epoch, best, pending=None, **extra):
+        state = dict(model=raw.state_dict(), epoch=epoch, args=saved_args, **extra)
+        if name == "checkpoint.pt":
+            state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                         scaler=scaler.state_dict(), best_top1=best, pending=pending)
+        checkpoint.save_atomic(state, os.path.join(args.output_dir, name))
+
     for epoch in range(start_epoch, args.epochs):
-        # the RNG is a function of (seed, epoch, rank): a resumed run repeats the same draws, so the
-        # checkpoint needs no RNG state
-        torch.manual_seed(data.derive_seed(args.seed, epoch, rank))
-        (train_loader if hasattr(train_loader, "set_epoch") else train_loader.sampler).set_epoch(epoch)
-        t0 = time.time()
-        train_loss, rate, lr, errors = train_one_epoch(model, train_loader, optimizer, scheduler, scaler, args,
-                                                       device, autocast, raw.patch_embed.patch_size, epoch, log)
+        if pending:  # the checkpoint's epoch, trained and saved, still to evaluate and log
+            trained, pending = pending, None
+        else:
+            # the RNG is a function of (seed, epoch, rank): a resumed run repeats the same draws, so the
+            # checkpoint needs no RNG state
+            torch.manual_seed(data.derive_seed(args.seed, epoch, rank))
+            (train_loader if hasattr(train_loader, "set_epoch") else train_loader.sampler).set_epoch(epoch)
+            t0 = time.time()
+            trained = dict(zip(("train_loss", "rate", "lr", "errors"), train_one_epoch(
+                model, train_loader, optimizer, scheduler, scaler, args, device, autocast,
+                raw.patch_embed.patch_size, epoch, log)), seconds=time.time() - t0)
         top1 = top5 = mae = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            if rank == 0:  # the epoch's training is kept before its evaluation, which a bad image can stop
+                save("checkpoint.pt", epoch, best, pending=trained)
             top1, top5 = evaluate(raw, val_loader, device, autocast)
             mae = label_errors(raw, val_set, args, device, autocast) if rank == 0 else None
             best = max(best, top1)
         if rank == 0:
-            log_epoch(args, epoch, train_loss, rate, lr, errors, top1, top5, mae, time.time() - t0, log)
+            log_epoch(args, epoch, trained, top1, top5, mae, log)
             if top1 == best:  # before checkpoint.pt, whose best_top1 must describe a best.pt on disk
-                checkpoint.save_atomic(dict(model=raw.state_dict(), epoch=epoch, val_top1=top1, args=saved_args),
-                                       os.path.join(args.output_dir, "best.pt"))
-            ckpt = dict(model=raw.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                        scaler=scaler.state_dict(), epoch=epoch, best_top1=best, args=saved_args)
-            checkpoint.save_atomic(ckpt, os.path.join(args.output_dir, "checkpoint.pt"))
+                save("best.pt", epoch, best, val_top1=top1)
+            save("checkpoint.pt", epoch, best)
     log(f"done: best val top-1 {best:.2f}%, last {top1:.2f}%; checkpoints in {args.output_dir}")
     if dist.is_initialized():
         dist.barrier()  # no rank tears the process group down while rank 0 still saves and logs
 
 
+def resume_command(argv, saved):
+    """The command that continues this run from its checkpoint: the same flags, --resume in place."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a == "--overwrite" or a.startswith("--resume="):
+            skip = False
+            continue
+        if a == "--resume":
+            skip = True
+            continue
+        kept.append(a)
+    return shlex.join(["python", "train.py", *kept, "--resume", saved])
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = get_args(argv)
     try:
         run(args)
@@ -659,6 +780,13 @@ def main(argv=None):
         where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is whole (written atomically), say where it is
+        if int(os.environ.get("RANK", 0)) == 0:
+            saved = os.path.join(args.output_dir, "checkpoint.pt")
+            print("interrupted: " + (f"the last checkpoint is {saved}; continue exactly with: "
+                                     f"{resume_command(argv, saved)}" if os.path.isfile(saved) and not args.eval
+                                     else "nothing was saved"), file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

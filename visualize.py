@@ -1,6 +1,6 @@
 """Figures of TL-Align at work: token labels layer by layer, and how right each CutMix target is.
 
-    python visualize.py runs/default/best.pt              # figures/tokens.png and figures/shares.png
+    python visualize.py runs/latest/best.pt              # figures/tokens.png and figures/shares.png
     python visualize.py CKPT --pairs 6 --images 2048 --out-dir figures
 
 tokens.png (paper Fig. 2, on a trained model): one row per CutMix pair of validation images, chosen at
@@ -35,7 +35,7 @@ def load(path):
     """The model of a train.py checkpoint, in eval mode, and its args."""
     if not os.path.isfile(path):
         raise VisualizeError(f"checkpoint {path} does not exist; train one with python train.py "
-                             f"(it writes runs/default/best.pt)")
+                             f"(it writes runs/<time>-<data>-<model>/best.pt, linked as runs/latest)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         args = ckpt["args"]
@@ -169,7 +169,8 @@ def shares_figure(plt, model, args, val_set, num_images, seed, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", help="best.pt or checkpoint.pt of a train.py run")
+    p.add_argument("checkpoint", nargs="?", default=os.path.join("runs", "latest", "best.pt"),
+                   help="best.pt or checkpoint.pt of a train.py run (default: the newest run's best.pt)")
     p.add_argument("--pairs", type=int, default=4, help="rows of tokens.png")
     p.add_argument("--lam", type=float, default=0.5,
                    help="lam the boxes of tokens.png are drawn for, at random places (clipping and CutMix's even "
