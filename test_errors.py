@@ -14,6 +14,7 @@ import train
 from test_train import SMALL, run_cli, write_folders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = [*SMALL, "--holdout", "64"]  # validation on 64 images, not 2,000: these tests need runs, not their figures
 
 
 def one_error_line(err, code, expected=2):
@@ -29,7 +30,7 @@ def files_of(folder):
 
 def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
     out = tmp_path / "run"
-    common = ["train.py", "--epochs", "1", *SMALL, "--output-dir", str(out)]
+    common = ["train.py", "--epochs", "1", *FAST, "--output-dir", str(out)]
     assert run_cli(*common)[0] == 0
     before = files_of(out)
     # another data set and model into the same folder: refused before anything is written
@@ -37,7 +38,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
     line = one_error_line(err, code)
     assert f"--output-dir {out} holds a run" in line and "--resume" in line and "--overwrite" in line
     assert files_of(out) == before  # byte for byte
-    code, _, err = run_cli("train.py", "--epochs", "2", *SMALL, "--output-dir", str(out), "--resume",
+    code, _, err = run_cli("train.py", "--epochs", "2", *FAST, "--output-dir", str(out), "--resume",
                            str(out / "checkpoint.pt"))  # continuing it is fine
     assert code == 0, err
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
@@ -48,7 +49,7 @@ def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_pat
 
 def test_without_output_dir_every_run_gets_a_folder_and_runs_latest_the_newest(tmp_path):
     def run():
-        p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--epochs", "1", *SMALL], cwd=tmp_path,
+        p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--epochs", "1", *FAST], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr
         return sorted(d for d in os.listdir(tmp_path / "runs") if d != "latest")
@@ -149,7 +150,7 @@ def test_one_class_is_refused_and_fp16_on_a_cpu_is_warned(tmp_path, capsys):
 
 def test_ctrl_c_ends_in_one_line_that_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    argv = ["--epochs", "50", *SMALL, "--output-dir", str(out)]
+    argv = ["--epochs", "50", *FAST, "--output-dir", str(out)]
     # SIGINT's default action restored: a test run in the background of a non-interactive shell inherits it
     # ignored, and Python then installs no KeyboardInterrupt handler
     p = subprocess.Popen([sys.executable, "train.py", *argv], cwd=HERE, stdout=subprocess.PIPE,

@@ -423,7 +423,7 @@ def test_the_log_measures_the_training_targets_against_the_objects(tmp_path):
     logged = {}
     for name, flags in {"oracle": ["--target", "oracle"], "area": ["--target", "area"],
                         "tl_align": [], "none": ["--mix", "none"]}.items():
-        train.main(["--epochs", "1", *SMALL, "--output-dir", str(tmp_path / name), *flags])
+        train.main(["--epochs", "1", *SMALL, "--holdout", "64", "--output-dir", str(tmp_path / name), *flags])
         logged[name] = json.loads((tmp_path / name / "log.jsonl").read_text())
     assert logged["oracle"]["train_target_mae"] == 0 and logged["oracle"]["train_ghost_rate"] == 0
     assert 0.05 < logged["area"]["train_target_mae"] < 0.3 and 0 < logged["area"]["train_ghost_rate"] < 0.5
