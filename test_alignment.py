@@ -619,7 +619,7 @@ def test_fused_equals_explicit_under_bf16_autocast(family):
 
 
 def test_fused_attention_pads_to_kernel_width():
-    """Any K works: q, k, v are padded to a multiple of 8 and the result equals the explicit product."""
+    """Any K works: q, k, v are padded as the kernel needs and the result equals the explicit product."""
     torch.manual_seed(18)
     q, k, v = torch.randn(3, 2, 4, 5, 6).unbind(0)  # (B=2, h=4, N=5, d=6)
     for K in (1, 2, 3, 10):
@@ -629,6 +629,67 @@ def test_fused_attention_pads_to_kernel_width():
         assert torch.allclose(out, A @ v, atol=1e-5)
         assert torch.allclose(labels_attn, tl.attend_labels(A, labels), atol=1e-6)
         assert torch.allclose(cls_attn, A[:, :, 0], atol=1e-6)
+
+
+def test_label_columns_are_padded_only_as_far_as_the_kernel_needs():
+    """CPU's flash kernel: one width for q, k and v, no more; CUDA's memory-efficient kernel (float32): q/k and
+    v each to 16 bytes, as torch's check_head_dim_size_mem_efficient asks (sm80+: 4 float32, 8 halves)."""
+    f32 = torch.float32
+    assert vit.head_widths(64, 64 + 2, "cpu", f32) == (66, 66)  # features + labels in one call
+    assert vit.head_widths(64, 2, "cpu", f32) == (64, 64)  # the labels' own call beside a bf16 one
+    assert vit.head_widths(64, 1000, "cpu", f32) == (1000, 1000)
+    assert vit.head_widths(64, 64 + 2, "cuda", f32) == (64, 68)
+    assert vit.head_widths(64, 2, "cuda", f32) == (64, 4)
+    assert vit.head_widths(32, 1000, "cuda", f32) == (32, 1000)
+    assert vit.head_widths(30, 3, "cuda", torch.bfloat16) == (32, 8)
+    # and on this CPU torch picks flash, not its math path, for every label-carrying call of a ViT
+    torch.manual_seed(19)
+    model = tiny("vit", fused_attn=True)
+    xm, w, _ = tl.cutmix(torch.randn(2, 3, 32, 32), patch_size(model))
+    kernels = vit.attention_kernels(model, xm, w)
+    assert kernels == {"features + labels: float32, q/k width 10, v width 10": "flash_attention"}  # d 8 + K 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels = vit.attention_kernels(model, xm, w)
+    assert kernels == {"labels: float32, q/k width 8, v width 8": "flash_attention",
+                       "features: bfloat16, q/k width 8, v width 8": "flash_attention"}
+
+
+class MaskDtypes(torch.overrides.TorchFunctionMode):
+    """(q dtype, mask dtype) of every scaled_dot_product_attention call made inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and kwargs.get("attn_mask") is not None:
+            self.seen.add((args[0].dtype, kwargs["attn_mask"].dtype))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_swin_bias_reaches_the_kernel_in_q_dtype_under_autocast_and_compile(dtype):
+    """CUDA's memory-efficient kernel refuses a mask whose dtype differs from q's; the fused path casts the
+    float32 bias (table + shift mask) to q's dtype itself instead of trusting autocast or compile to."""
+    torch.manual_seed(20)
+    model = tiny("swin", fused_attn=True)
+    xm, w, _ = tl.cutmix(torch.randn(2, 3, 32, 32), patch_size(model))
+    with MaskDtypes() as calls, torch.autocast("cpu", dtype=dtype):
+        model(xm, w)
+    assert calls.seen == {(dtype, dtype), (torch.float32, torch.float32)}  # features; the labels' own call
+    seen = set()
+
+    def backend(gm, example_inputs):  # dynamo's graph: each call's inputs as traced under autocast
+        for node in gm.graph.nodes:
+            if node.target is F.scaled_dot_product_attention and node.kwargs.get("attn_mask") is not None:
+                seen.add((node.args[0].meta["example_value"].dtype,
+                          node.kwargs["attn_mask"].meta["example_value"].dtype))
+        return gm.forward
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=dtype):
+        torch.compile(model, backend=backend)(xm, w)
+    assert seen == {(dtype, dtype), (torch.float32, torch.float32)}
 
 
 def test_oracle_target_is_the_visible_share_of_each_object():

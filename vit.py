@@ -439,9 +439,10 @@ def fused_attention(q, k, v, bias, token_labels, scale: float, cls_attn: bool = 
     """softmax(q k^T * scale + bias) [v | Y] = [A v | A Y] in one scaled_dot_product_attention call.
 
     The labels ride with the values, so TL-Align needs no (N, N) matrix: each head returns its A_h Y
-    next to A_h v. Kernels want one head width for q, k and v, a multiple of 8: q and k are padded
-    with zeros (q k^T is unchanged; the scale is passed explicitly). The label columns are detached,
-    so no gradient flows through them and the gradients of q, k, v are those of plain attention.
+    next to A_h v. Where the kernel wants wider or equal head widths (head_widths), q, k and the
+    values are padded with zero columns (q k^T is unchanged; the scale is passed explicitly). The label
+    columns are detached, so no gradient flows through them and the gradients of q, k, v are those of
+    plain attention.
     In bf16 / fp16 (autocast or a half model) the kernel would return the label columns rounded (~1e-3,
     as large as TL-Align's whole correction): there a second call, without gradient, computes them from
     the same q and k in float32. The first token's row of A, which the kernel does not return, is
@@ -459,13 +460,28 @@ def fused_attention(q, k, v, bias, token_labels, scale: float, cls_attn: bool = 
     y = token_labels.detach()[:, None].expand(B, h, N, K)  # (B, h, N, K), the same for all heads
     if v.dtype in (torch.bfloat16, torch.float16):
         with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
-            width = -max(d, K) // 8 * -8  # one width for q, k and the labels
-            q32, k32, y32 = (_pad(t.float(), width) for t in (q, k, y))
-            y_attn = _sdpa(q32, k32, y32, None if bias is None else bias.float(), scale)[..., :K]
-        return _sdpa(q, k, v, bias, scale), y_attn.mean(dim=1), row
-    width = -(d + K) // 8 * -8
-    out = _sdpa(_pad(q, width), _pad(k, width), _pad(torch.cat([v, y], -1), width), bias, scale)
+            qk, vw = head_widths(d, K, q.device.type, torch.float32)
+            y_attn = _sdpa(_pad(q.float(), qk), _pad(k.float(), qk), _pad(y.float(), vw),
+                           None if bias is None else bias.detach(), scale)  # a mask needing grad: math
+        return _sdpa(q, k, v, bias, scale), y_attn[..., :K].mean(dim=1), row
+    qk, vw = head_widths(d, d + K, q.device.type, q.dtype)
+    out = _sdpa(_pad(q, qk), _pad(k, qk), _pad(torch.cat([v, y], -1), vw), bias, scale)
     return out[..., :d], out[..., d:d + K].detach().float().mean(dim=1), row
+
+
+def head_widths(d: int, value_width: int, device_type: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(width of q and k, width of the values) that the kernel running a label call takes: zero columns
+    are work thrown away, so no more than it needs. The label calls are float32, which CUDA runs on the
+    memory-efficient kernel: q/k and the values each at their own width, a multiple of 16 bytes (4
+    float32 columns; 8 for halves). CPU's flash kernel, and any other, wants one width for q, k and v.
+    Without them, scaled_dot_product_attention falls back to its math path, ~3x slower.
+    d: the head width of q and k; value_width: the columns the values need.
+    """
+    if device_type == "cuda":
+        align = 4 if dtype == torch.float32 else 8
+        return -(-d // align) * align, -(-value_width // align) * align
+    width = max(d, value_width)
+    return width, width
 
 
 @torch.no_grad()
@@ -495,7 +511,47 @@ def _sdpa(q, k, v, bias, scale: float):
     """
     B, h, N, _ = q.shape
     if bias is not None:
+        # the bias in q's dtype, here and only here: kernels refuse a mask of another dtype (CUDA's
+        # memory-efficient one), and autocast, or compile under it, does not always cast it
+        bias = bias.to(q.dtype)
         G = bias[..., 0, 0, 0].numel()
         q, k, v = (t.reshape(-1, G * h, N, t.shape[-1]) for t in (q, k, v))
         bias = bias.reshape(1, G * h, N, N)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale).reshape(B, h, N, -1)
+
+
+# ----------------------------------------------------------------------------- which kernels run
+
+class _SdpaCalls(torch.overrides.TorchFunctionMode):
+    """Records, for every scaled_dot_product_attention call made inside it, the kernel torch chooses."""
+
+    def __init__(self, head_widths: set):
+        super().__init__()
+        self.head_widths, self.calls = head_widths, {}  # description -> kernel, in order of appearance
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k, v = args[:3]
+            mask = kwargs.get("attn_mask")
+            choice = torch._fused_sdp_choice(q, k, v, mask, 0.0, False, scale=kwargs.get("scale"))
+            # fused_attention's calls: the features alone, the features with the labels riding along
+            # (float32), or the labels alone (float32, without gradient, beside a half-precision call)
+            role = ("labels" if not q.requires_grad else
+                    "features" if v.shape[-1] in self.head_widths else "features + labels")
+            what = (f"{role}: {str(q.dtype).split('.')[-1]}, q/k width {q.shape[-1]}, v width {v.shape[-1]}"
+                    f"{', mask' if mask is not None else ''}")
+            self.calls[what] = torch.nn.attention.SDPBackend(choice).name.lower()
+        return func(*args, **kwargs)
+
+
+def attention_kernels(model: nn.Module, x: torch.Tensor, token_labels: torch.Tensor | None = None) -> dict:
+    """The kernel scaled_dot_product_attention picks for each kind of call that one forward of the model on
+    (x, token_labels) makes, under the caller's autocast, e.g. {'features: bfloat16, q/k width 64, v width
+    64': 'flash_attention', 'labels: float32, q/k width 64, v width 4': 'efficient_attention'}; empty on the
+    explicit path. The choice is torch's own (torch._fused_sdp_choice on the call's inputs)."""
+    widths = {m.qkv.out_features // 3 // m.num_heads for m in model.modules() if isinstance(m, Attention)}
+    recorder = _SdpaCalls(widths)
+    with recorder:  # with gradient, as in training: the label-only calls are the ones without
+        model(x, token_labels) if token_labels is not None else model(x)
+    return recorder.calls
