@@ -430,3 +430,35 @@ def test_the_log_measures_the_training_targets_against_the_objects(tmp_path):
     # the same draws and images in every arm: an untrained model's aligned label is near lam, not exactly it
     assert logged["tl_align"]["train_target_mae"] != logged["area"]["train_target_mae"]
     assert logged["none"]["train_target_mae"] is None and logged["none"]["train_ghost_rate"] is None
+
+
+@pytest.mark.parametrize("target", ["tl_align", "transmix"])
+def test_mix_both_compiles_one_graph(monkeypatch, target):
+    """--mix both (Swin's recipe): Mixup batches carry uniform token labels, so that the model has CutMix's
+    call signature; dynamo traces one graph and never recompiles across lam, boxes and the mix switch."""
+    from torch._dynamo.utils import counters
+    args = train.get_args(["--mix", "both", "--target", target])
+    drawn = []
+    monkeypatch.setattr(train, "batch_mix", lambda mix, draw=train.batch_mix: drawn.append(draw(mix)) or drawn[-1])
+    model = vit.create_model("vit_mini", num_classes=10, embed_dim=32, depth=2, num_heads=2)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")  # graphs are dynamo's whatever the backend
+    torch.manual_seed(0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(8):
+            x, y = torch.randn(4, 3, 32, 32), torch.randint(10, (4,))
+            loss, _, _ = train.train_step(compiled, x, y, None, 4, args)
+            loss.backward()
+    assert set(drawn) == {"cutmix", "mixup"}
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_fused_run_names_its_attention_kernels():
+    """On CUDA a --fused-attn run prints the kernel of each call once at its start; here, CPU's flash kernel."""
+    info = data.DATASETS["synthetic"]
+    model = vit.create_model("vit_mini", num_classes=10, embed_dim=32, depth=2, num_heads=2, fused_attn=True)
+    line = train.kernels_line(model, info, torch.device("cpu"), nullcontext())
+    assert line == "attention kernels: features + labels: float32, q/k width 18, v width 18 -> flash_attention"
+    line = train.kernels_line(model, info, torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16))
+    assert "labels: float32" in line and "features: bfloat16" in line and model.training

@@ -131,6 +131,9 @@ def get_args(argv=None, world=None):
                    help="torch.compile the model (on a 2-core CPU: ~45 s to compile, then 3-13%% faster steps)")
     p.add_argument("--fused-attn", action="store_true",
                    help="scaled_dot_product_attention with the labels riding along (same results, less memory)")
+    p.add_argument("--no-cudnn-attention", action="store_true",
+                   help="keep scaled_dot_product_attention off cuDNN's kernel (whose backward has returned NaN "
+                        "gradients on some torch versions and GPUs; bench.py --gpu-check tells)")
     p.add_argument("--workers", type=int, default=None,
                    help="ImageNet loader processes per GPU (default: the CPUs this process may use divided by "
                         "torchrun's LOCAL_WORLD_SIZE, at least 1, at most 10 as in DeiT)")
@@ -476,7 +479,12 @@ def train_step(model, x, y, masks, patch_size, args):
             label = truth.oracle_label(visible, lam)
     else:  # Mixup or none: every token carries the same label, so the area label is exact
         x, lam = tl.mixup(x, args.mixup_alpha) if mix == "mixup" else (x, 1.0)
-        logits, label = model(x), tl.area_label(lam, len(x), x.device)
+        label = tl.area_label(lam, len(x), x.device)
+        if args.mix == "both":  # uniform token labels: CutMix's call, so a compiled model keeps one graph
+            N = x.shape[-2] * x.shape[-1] // patch_size ** 2
+            logits = model(x, tl.area_label(lam, N, x.device).expand(len(x), N, 2))[0]
+        else:
+            logits = model(x)
     target = tl.class_target(label, torch.stack([y, y.flip(0)], dim=1), logits.shape[-1], args.smoothing)
     return tl.soft_cross_entropy(logits, target), label, visible
 
@@ -629,6 +637,20 @@ def distribute(args, model, device):
     return model
 
 
+def kernels_line(model, info, device, autocast):
+    """The scaled_dot_product_attention kernel of each fused call, as torch picks it for this model, device
+    and autocast (vit.attention_kernels on two blank images), in one line for the start of a run."""
+    x = torch.zeros(2, info["in_chans"], info["img_size"], info["img_size"], device=device)
+    _, token_labels, _ = tl.cutmix(x, model.patch_embed.patch_size, lam=0.5)
+    was_training = model.training
+    model.eval()  # no DropPath draws
+    with autocast:
+        kernels = vit.attention_kernels(model, x, token_labels)
+    model.train(was_training)
+    hint = " (--no-cudnn-attention turns cuDNN's off)" if "cudnn_attention" in kernels.values() else ""
+    return "attention kernels: " + "; ".join(f"{what} -> {kernel}" for what, kernel in kernels.items()) + hint
+
+
 def log_epoch(args, epoch, trained, top1, top5, mae, log):
     """Append the epoch's record to log.jsonl and print its line; trained: the figures of its training
     (train_loss, rate, lr, errors as train_one_epoch returns them, seconds).
@@ -712,6 +734,10 @@ def run(args):
         top1, top5 = evaluate(raw, val_loader, device, autocast)
         log(f"eval {args.resume or args.finetune or 'untrained model'}: top-1 {top1:.2f}% top-5 {top5:.2f}%")
         return
+    if args.no_cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if device.type == "cuda" and args.fused_attn:  # which kernels train this run, said once
+        log(kernels_line(raw, info, device, autocast))
     model = distribute(args, raw, device)
     log(f"{args.model} ({sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M params) on {args.data}: "
         f"{len(train_loader)} steps of {args.batch_size} x {args.world} per epoch, {args.epochs} epochs, "
