@@ -360,35 +360,38 @@ def make_jpegs(root, images, classes=4, seed=0):
 
 
 def loader_rate(dataset, workers, batch_size, warmup, batches):
-    """(images per second, images per CPU second of the workers) of a DataLoader over dataset with
-    `workers` processes, as train.py builds it. The first is timed over `batches` batches after `warmup`
-    (worker start-up and their first prefetched batches); the second counts every image and the workers'
-    CPU time (user + system, read when they have exited), which a shared machine's waits do not inflate.
-    Images are drawn with replacement: a small folder serves any count."""
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=(warmup + batches) * batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         pin_memory=torch.cuda.is_available())
+    """(images per second, images per CPU second of the workers, bytes of a batch) of a DataLoader over
+    dataset with `workers` processes, as train.py builds it (persistent workers, keys (index, epoch, copy)).
+    The first is timed over `batches` batches after `warmup` (worker start-up and their first prefetched
+    batches); the second counts every image and the workers' CPU time (user + system, read when they have
+    exited), which a shared machine's waits do not inflate. The bytes are what a worker hands over through
+    shared memory per batch. Images are drawn with replacement: a small folder serves any count."""
+    n = (warmup + batches) * batch_size
+    keys = [(i, 0, 0) for i in torch.randint(len(dataset), (n,)).tolist()]
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=keys, num_workers=workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=True)
     before = os.times()
-    for i, _ in enumerate(loader):
+    for i, batch in enumerate(loader):
         if i + 1 == warmup:
             t0 = time.perf_counter()
     rate = batches * batch_size / (time.perf_counter() - t0)
-    after = os.times()  # the exhausted iterator has joined its workers: their CPU time is the children's
+    del loader  # persistent workers exit with their loader: then their CPU time is the children's
+    after = os.times()
     cpu = after.children_user + after.children_system - before.children_user - before.children_system
-    return rate, (warmup + batches) * batch_size / cpu
+    return rate, n / cpu, sum(t.nbytes for t in batch)
 
 
 def bench_loader(args):
     """img/s of train.py's ImageNet train pipeline (imagenet.load_imagenet, 224 px) per --workers count."""
     dataset = imagenet.load_imagenet(args.loader, train=True)
     batch_size = args.batch_size or 32
-    print(f"loader {args.loader}: {len(dataset)} images, imagenet.load_imagenet train transforms, 224 px, batch "
-          f"{batch_size}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
-    print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s} {'img per CPU-s':>13s}")
+    print(f"loader {args.loader}: {len(dataset)} images, imagenet.load_imagenet train transforms to uint8, 224 px, "
+          f"batch {batch_size}, {len(os.sched_getaffinity(0))} CPUs, torch {torch.__version__}")
+    print(f"{'workers':>7s} {'img/s':>8s} {'img/s per worker':>16s} {'img per CPU-s':>13s} {'MB per batch':>12s}")
     for workers in args.workers:
         warmup = max(args.warmup * workers, 1)  # every worker's first batch, and the start-up
-        rate, per_cpu = loader_rate(dataset, workers, batch_size, warmup, args.reps * workers)
-        print(f"{workers:7d} {rate:8.1f} {rate / workers:16.1f} {per_cpu:13.1f}", flush=True)
+        rate, per_cpu, size = loader_rate(dataset, workers, batch_size, warmup, args.reps * workers)
+        print(f"{workers:7d} {rate:8.1f} {rate / workers:16.1f} {per_cpu:13.1f} {size / 2**20:12.2f}", flush=True)
 
 
 def main():

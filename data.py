@@ -453,8 +453,15 @@ class RepeatedAugSampler(torch.utils.data.Sampler):
         return self.num_samples
 
     def __iter__(self):
+        """Keys (index, epoch, copy): which sample, and which of its `repeats` copies this epoch, so that a
+        data set can augment each copy from a seed of its own (imagenet.Folder)."""
         order = epoch_order(self.n, self.world_size, self.seed, self.epoch, self.repeats)
-        return iter(order[self.rank, :self.num_samples].tolist())
+        positions = range(self.rank, self.rank + self.num_samples * self.world_size, self.world_size)
+        # in epoch_order's list an index's copies are adjacent, so a position's copy is its remainder; the
+        # padding, which wraps around, counts on: no two keys of an epoch are the same
+        length = self.repeats * self.n
+        return iter((i, self.epoch, p % self.repeats + self.repeats * (p // length))
+                    for i, p in zip(order[self.rank, :self.num_samples].tolist(), positions))
 
 
 class Loader:

@@ -3,8 +3,10 @@
 What is here, top to bottom:
   RAND_OPS, apply_op             the 15 ops of timm's RandAugment with their magnitude formulas, on PIL images
   RandAugment                    DeiT's RandAugment: timm's rand-m9-mstd0.5-inc1 written out
-  imagenet_transform             DeiT's ImageNet train / val transforms
-  load_imagenet                  ImageNet-1k as torchvision ImageFolder datasets with those transforms
+  imagenet_transform             DeiT's ImageNet train / val transforms up to uint8 tensors (loader workers)
+  erasing_box, finish            DeiT's random erasing drawn in the workers, applied with Normalize on the device
+  load_imagenet, Folder          ImageNet-1k folders; training samples augmented from (seed, epoch, index, copy)
+  DeviceBatches                  a DataLoader of those, its batches finished on the device
   class_balanced_subset          a seeded subset of a folder data set, even across its classes
 
 What the small data sets share with these folders stays in data.py: DataError, the data set's facts
@@ -22,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from data import DATASETS, DataError
+from data import DATASETS, DataError, derive_seed
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,32 +132,64 @@ class RandAugment:
 
 
 def imagenet_transform(train, img_size=224):
-    """DeiT's train or val transform: PIL image -> (3, img_size, img_size) float normalised. The train one is
-    timm's create_transform(img_size, is_training=True, auto_augment='rand-m9-mstd0.5-inc1',
-    interpolation='bicubic', re_prob=0.25, re_mode='pixel', re_count=1) as DeiT calls it (its datasets.py),
-    step for step; its color_jitter argument is ignored by timm when RandAugment is on."""
+    """The part of DeiT's train or val transform that needs the image, in a loader worker: PIL image ->
+    (3, img_size, img_size) uint8. The rest of DeiT's transform, ToTensor's / 255, Normalize and random
+    erasing, runs on the device on whole batches (`finish`): a batch crosses shared memory and the bus as
+    uint8, a quarter of the float32 bytes. The train one is timm's create_transform(img_size,
+    is_training=True, auto_augment='rand-m9-mstd0.5-inc1', interpolation='bicubic', re_prob=0.25,
+    re_mode='pixel', re_count=1) as DeiT calls it (its datasets.py), step for step; its color_jitter
+    argument is ignored by timm when RandAugment is on."""
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
-    mean, std = DATASETS['imagenet']['mean'], DATASETS['imagenet']['std']
     if not train:  # resize to img_size / 0.875 (256 for 224), bicubic, then the central img_size square
         return transforms.Compose([
             transforms.Resize(int(img_size / 0.875), interpolation=InterpolationMode.BICUBIC),
             transforms.CenterCrop(img_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
+            transforms.PILToTensor(),
         ])
     return transforms.Compose([
         transforms.RandomResizedCrop(img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                      interpolation=InterpolationMode.BICUBIC),
         transforms.RandomHorizontalFlip(0.5),
         RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5, fill=IMAGENET_FILL),
-        transforms.ToTensor(),
-        transforms.Normalize(mean, std),
-        # timm's RandomErasing in 'pixel' mode, count 1: one box of 0.02-1/3 of the area, log-uniform aspect
-        # 0.3-1/0.3, 10 tries to fit, per-pixel N(0, 1) noise in the normalised space. torchvision's
-        # value='random' draws the same way; only its default scale (0.33) and ratio (3.3) differ.
-        transforms.RandomErasing(p=0.25, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random'),
+        transforms.PILToTensor(),
     ])
+
+
+# timm's RandomErasing as DeiT sets it ('pixel' mode, count 1): with probability 0.25 one box of 0.02-1/3
+# of the area, log-uniform aspect 0.3-1/0.3, 10 tries to fit, per-pixel N(0, 1) noise in the normalised
+# space. torchvision's RandomErasing.get_params draws the box as timm does (its default ranges differ).
+ERASE_P, ERASE_SCALE, ERASE_RATIO = 0.25, (0.02, 1 / 3), (0.3, 1 / 0.3)
+
+
+def erasing_box(image):
+    """The erasing box of one training image, drawn on the host from torch's global generator: (4,) int16
+    (y0, y1, x0, x1), half-open; y0 == y1 when the image is not erased. image: (C, H, W), for its size."""
+    from torchvision import transforms
+    H, W = image.shape[-2:]
+    if torch.rand(1) < ERASE_P:
+        # value [0]: only the box is drawn here; the noise is drawn on the device (finish)
+        i, j, h, w, _ = transforms.RandomErasing.get_params(image, ERASE_SCALE, ERASE_RATIO, value=[0.0])
+        if (h, w) != (H, W):  # the whole image: no box fitted in 10 tries, and torchvision erases nothing
+            return torch.tensor([i, i + h, j, j + w], dtype=torch.int16)
+    return torch.zeros(4, dtype=torch.int16)
+
+
+def finish(images, boxes, mean, std, generator=None):
+    """The device's part of DeiT's transform, on a batch: uint8 (B, C, H, W) -> float32 (x / 255 - mean) /
+    std, as ToTensor and Normalize compute it, then each image's erasing box (B, 4) filled with N(0, 1)
+    noise (boxes None: no erasing, as for validation), drawn from generator (a torch.Generator on the
+    device, or the global one). mean, std: (1, C, 1, 1) float32 on the device. Fill kernels and
+    comparisons only: nothing waits for the host."""
+    x = images.float().div_(255).sub_(mean).div_(std)
+    if boxes is None:
+        return x
+    H, W = x.shape[-2:]
+    y0, y1, x0, x1 = (b.view(-1, 1, 1) for b in boxes.long().unbind(1))  # (B, 1, 1) each
+    rows, cols = torch.arange(H, device=x.device).view(1, H, 1), torch.arange(W, device=x.device).view(1, 1, W)
+    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)  # (B, H, W)
+    noise = torch.randn(x.shape, generator=generator, device=x.device)
+    return torch.where(inside[:, None], noise, x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,14 +228,77 @@ def _check_imagenet(path):
                         f'{" ..." if len(only) > 5 else ""}; {expected}')
 
 
-def load_imagenet(path, train, img_size=224):
-    """The train or val split under path as a torchvision ImageFolder; items are (image (3, img_size,
-    img_size) float normalised, class index) through imagenet_transform. Class indices follow the sorted
-    folder names; an image that cannot be read raises a DataError naming it (read_image)."""
+def load_imagenet(path, train, img_size=224, seed=0):
+    """The train or val split under path (ImageFolder's layout) as Folder samples through imagenet_transform.
+    Class indices follow the sorted folder names; an image that cannot be read raises a DataError naming
+    it (read_image)."""
     from torchvision import datasets
     _check_imagenet(path)
     root = os.path.join(path, 'train' if train else 'val')
-    return datasets.ImageFolder(root, imagenet_transform(train, img_size), loader=read_image)
+    folder = datasets.ImageFolder(root, loader=read_image)  # the scan: samples (path, class), classes
+    return Folder(folder.samples, folder.classes, imagenet_transform(train, img_size), train, seed)
+
+
+class Folder(torch.utils.data.Dataset):
+    """An image folder's samples, read and transformed in a loader worker: uint8 (3, S, S) images.
+
+    Validation items are (image, class) by index. A training item is keyed (index, epoch, copy), as
+    data.RepeatedAugSampler yields them, and is (image, class, erasing box): its augmentation is drawn from
+    a seed that is a function of (seed, epoch, index, copy) alone, not of the worker that draws it or of
+    how long that worker has lived, so workers persist across epochs and a resumed run, with any number of
+    workers, repeats every image. The draws use a forked generator: the caller's is left as it was.
+    """
+
+    def __init__(self, samples, classes, transform, train, seed=0):
+        self.samples, self.classes, self.transform, self.train, self.seed = samples, classes, transform, train, seed
+        self.targets = [c for _, c in samples]
+
+    def subset(self, indices):
+        """These samples only, in this order (class_balanced_subset's)."""
+        return Folder([self.samples[i] for i in indices], self.classes, self.transform, self.train, self.seed)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, key):
+        if not self.train:
+            path, target = self.samples[key]
+            return self.transform(read_image(path)), target
+        index, epoch, copy = key
+        path, target = self.samples[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.seed, epoch, index, copy))
+            image = self.transform(read_image(path))
+            return image, target, erasing_box(image)
+
+
+class DeviceBatches:
+    """A DataLoader over a Folder, its uint8 batches finished on the device (`finish`): batches of (images
+    (B, 3, S, S) float32 normalised and erased where drawn, classes (B,)) on `device`. The erasing noise
+    comes from a generator of its own, seeded by (seed, epoch, rank) in set_epoch: like the images, a
+    function of the epoch, whatever else drew random numbers before."""
+
+    def __init__(self, loader, device, seed=0, rank=0):
+        self.loader, self.sampler, self.device, self.seed, self.rank = loader, loader.sampler, device, seed, rank
+        mean, std = DATASETS['imagenet']['mean'], DATASETS['imagenet']['std']
+        # built once: a tensor made from a list on a GPU every batch would be a blocking copy
+        self.mean, self.std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))
+        self.noise = torch.Generator(device=device)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch):
+        if hasattr(self.sampler, 'set_epoch'):
+            self.sampler.set_epoch(epoch)
+        self.noise.manual_seed(derive_seed(self.seed, epoch, self.rank))
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, target, *boxes in self.loader:  # boxes: training batches only
+            images, target = images.to(self.device, non_blocking=True), target.to(self.device, non_blocking=True)
+            boxes = boxes[0].to(self.device, non_blocking=True) if boxes else None
+            yield finish(images, boxes, self.mean, self.std, self.noise), target
 
 
 def read_image(path):

@@ -69,9 +69,10 @@ def test_loader_bench_times_the_imagenet_pipeline_on_written_jpegs(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = [line.split() for line in p.stdout.splitlines()[2:]]
     assert [r[0] for r in rows] == ["1", "2"]
-    for workers, rate, per_worker, per_cpu_second in rows:
+    for workers, rate, per_worker, per_cpu_second, mb in rows:
         assert float(rate) > 0 and abs(float(per_worker) * int(workers) - float(rate)) < 0.2
         assert float(per_cpu_second) > 0
+        assert abs(float(mb) - 4 * 3 * 224 * 224 / 2**20) < 0.01  # uint8 images; classes and boxes are bytes
     p = subprocess.run([sys.executable, "bench.py", "--loader", str(tmp_path / "nowhere")], cwd=HERE,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and p.stderr.startswith("error: ImageNet not found") and p.stdout == ""

@@ -400,17 +400,22 @@ def test_every_index_is_repeated_before_the_cut_and_the_copies_split_over_ranks(
     assert torch.equal(torch.bincount(listed[:3 * n], minlength=n), torch.full((n,), 3))  # before the padding
     assert torch.equal(listed[3 * n:], listed[:len(listed) - 3 * n])  # the padding wraps around
     dataset = range(n)
-    shards = []
+    shards, copies = [], set()
     for rank in range(world):
         sampler = RepeatedAugSampler(dataset, world, rank, repeats=3, seed=3)
         sampler.set_epoch(2)
-        shards.append(list(sampler))
+        keys = list(sampler)  # (index, epoch, copy)
+        shards.append([i for i, _, _ in keys])
+        copies.update((i, c) for i, _, c in keys)
+        assert {e for _, e, _ in keys} == {2}
         plain = torch.utils.data.DistributedSampler(dataset, world, rank, drop_last=False)
         assert len(sampler) == len(shards[-1]) == len(plain) == math.ceil(n / world)  # a plain epoch's steps
         assert shards[-1] == rasampler_reference(n, world, rank, seed=3, epoch=2, repeats=3)
         if world >= 3:  # the copies of an image are on different ranks
             assert len(set(shards[-1])) == len(shards[-1])
     counts = torch.bincount(torch.tensor(sum(shards, [])), minlength=n)
+    # each copy of an image has its own copy number, whichever rank draws it: its augmentation seed differs
+    assert len(copies) == len(sum(shards, []))
     # the cut keeps a prefix of the repeated list: whole triples but for the one it splits
     assert counts.max() == 3 and (counts % 3 != 0).sum() <= 1
     assert (counts > 0).sum() == math.ceil(world * math.ceil(n / world) / 3)  # a third of the images an epoch
@@ -422,14 +427,15 @@ def test_one_repeat_is_the_distributed_sampler(world, n):
         sampler = RepeatedAugSampler(range(n), world, rank, repeats=1, seed=5)
         plain = torch.utils.data.DistributedSampler(range(n), world, rank, shuffle=True, seed=5, drop_last=False)
         sampler.set_epoch(4), plain.set_epoch(4)
-        assert list(sampler) == list(plain)
+        keys = list(sampler)
+        assert [i for i, _, _ in keys] == list(plain) and {e for _, e, _ in keys} == {4}
 
 
 def test_repeated_order_is_a_function_of_seed_and_epoch():
     def order(seed, epoch, sampler=None):
         sampler = sampler or RepeatedAugSampler(range(100), 2, 1, seed=seed)
         sampler.set_epoch(epoch)
-        return list(sampler)
+        return [i for i, _, _ in sampler]
 
     sampler = RepeatedAugSampler(range(100), 2, 1, seed=0)
     first, second = order(0, 0, sampler), order(0, 1, sampler)

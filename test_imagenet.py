@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data import DATASETS, DataError
-from imagenet import (IMAGENET_FILL, RAND_OPS, RandAugment, apply_op, class_balanced_subset, imagenet_transform,
-                      load_imagenet)
+from imagenet import (ERASE_P, ERASE_RATIO, ERASE_SCALE, IMAGENET_FILL, RAND_OPS, RandAugment, apply_op,
+                      class_balanced_subset, erasing_box, finish, imagenet_transform, load_imagenet)
 from test_data import assert_data_error
 
 
@@ -130,23 +130,42 @@ def test_rand_augment_samples_as_timm():
 
 def test_train_transform_is_timms_for_deit():
     """Step by step the transform timm's create_transform builds for DeiT (no colour jitter: timm drops it
-    when RandAugment is on), with the same parameters."""
+    when RandAugment is on), with the same parameters: ours up to uint8 in the workers, the rest on the device."""
     ours, theirs = imagenet_transform(True).transforms, timm_deit_train().transforms
     assert [type(t).__name__ for t in ours] == [
-        'RandomResizedCrop', 'RandomHorizontalFlip', 'RandAugment', 'ToTensor', 'Normalize', 'RandomErasing']
+        'RandomResizedCrop', 'RandomHorizontalFlip', 'RandAugment', 'PILToTensor']
     assert [type(t).__name__ for t in theirs] == [
         'RandomResizedCropAndInterpolation', 'RandomHorizontalFlip', 'RandAugment', 'MaybeToTensor',
         'Normalize', 'RandomErasing']
-    (crop, flip, augment, _, norm, erase), (tcrop, tflip, _, _, tnorm, terase) = ours, theirs
+    (crop, flip, augment, _), (tcrop, tflip, _, _, tnorm, terase) = ours, theirs
     assert isinstance(augment, RandAugment)  # ours (torchvision's has the same name); its draws tested above
     assert (crop.size, crop.scale, crop.ratio, crop.interpolation) == \
         (tcrop.size, tcrop.scale, tcrop.ratio, tcrop.interpolation)
     assert flip.p == tflip.p == 0.5
-    assert np.allclose(norm.mean, tnorm.mean) and np.allclose(norm.std, tnorm.std)
-    assert erase.p == terase.probability == 0.25 and erase.value == 'random' and terase.mode == 'pixel'
-    assert erase.scale == (terase.min_area, terase.max_area)
-    assert np.allclose(np.log(erase.ratio), terase.log_aspect_ratio)
-    assert terase.min_count == terase.max_count == 1  # one box, as torchvision erases
+    mean, std = DATASETS['imagenet']['mean'], DATASETS['imagenet']['std']  # finish's Normalize
+    assert np.allclose(mean, tnorm.mean) and np.allclose(std, tnorm.std)
+    assert ERASE_P == terase.probability == 0.25 and terase.mode == 'pixel'
+    assert ERASE_SCALE == (terase.min_area, terase.max_area)
+    assert np.allclose(np.log(ERASE_RATIO), terase.log_aspect_ratio)
+    assert terase.min_count == terase.max_count == 1  # one box, as torchvision draws it
+
+
+def test_uint8_batches_finished_on_the_device_are_toTensor_and_normalize_exactly():
+    """The workers' uint8 image, finished on the device, equals the float pipeline (ToTensor, Normalize) it
+    replaces bit for bit, from the same draws; a batch in shared memory is a quarter of the bytes."""
+    from torchvision import transforms
+    mean, std = DATASETS['imagenet']['mean'], DATASETS['imagenet']['std']
+    ours = imagenet_transform(True, img_size=32)
+    old = transforms.Compose([*ours.transforms[:-1], transforms.ToTensor(), transforms.Normalize(mean, std)])
+    img = noise_image()
+    stats = [torch.tensor(v).view(1, -1, 1, 1) for v in (mean, std)]
+    for seed in range(10):
+        torch.manual_seed(seed)
+        u8 = ours(img)
+        torch.manual_seed(seed)
+        expected = old(img)
+        assert u8.dtype == torch.uint8 and torch.equal(finish(u8[None], None, *stats)[0], expected)
+        assert u8.element_size() * 4 == expected.element_size()
 
 
 def ks_distance(a, b):
@@ -157,33 +176,48 @@ def ks_distance(a, b):
     return np.abs(cdf_a - cdf_b).max()
 
 
+def box_stats(draw, n=3000, size=(24, 32)):
+    """(erased share, area fraction, log(h / w)) of n boxes from draw(image) -> (4,) y0 y1 x0 x1."""
+    H, W = size
+    boxes = torch.stack([draw(torch.zeros(3, H, W)) for _ in range(n)]).long()
+    h, w = boxes[:, 1] - boxes[:, 0], boxes[:, 3] - boxes[:, 2]
+    erased = h > 0
+    h, w = h[erased].numpy(), w[erased].numpy()
+    return erased.float().mean().item(), h * w / (H * W), np.log(h / w)
+
+
 def test_random_erasing_draws_as_timms():
-    """Boxes and noise of our erasing (torchvision's with timm's ranges) against timm's 'pixel' mode, always
-    applied on a 24x32 image: same distribution of box area and aspect, N(0, 1) noise inside."""
+    """Our erasing (the box drawn in the worker as torchvision does, the noise on the device) against timm's
+    RandomErasing in DeiT's 'pixel' mode on a 24x32 image: the same erasing rate, box area and aspect
+    distributions, N(0, 1) noise inside the box and nothing changed outside."""
     from timm.data.random_erasing import RandomErasing
-    ours = imagenet_transform(True).transforms[-1]
-    ours.p = 1.0
-    theirs = RandomErasing(1.0, mode='pixel', max_count=1, device='cpu')
+    theirs = RandomErasing(ERASE_P, mode='pixel', max_count=1, device='cpu')
+
+    def timm_box(image):  # the box timm erased, read off a zero image (its noise is never exactly 0)
+        box = theirs(image.clone())[0] != 0
+        if not box.any():
+            return torch.zeros(4, dtype=torch.int16)
+        rows, cols = box.any(1).nonzero()[:, 0], box.any(0).nonzero()[:, 0]
+        assert box.sum() == len(rows) * len(cols)  # one rectangle
+        return torch.tensor([rows[0], rows[-1] + 1, cols[0], cols[-1] + 1], dtype=torch.int16)
+
     torch.manual_seed(0)
     random.seed(0)
-
-    def boxes(erase, n=3000):  # (area fraction, log(h / w)) of each box; noise values inside
-        stats, noise = [], []
-        for _ in range(n):
-            x = erase(torch.zeros(3, 24, 32))
-            box = x[0] != 0  # the noise is never exactly 0
-            h, w = box.any(1).sum().item(), box.any(0).sum().item()
-            # one rectangle, in all channels (here a box always fits within the 10 tries both make)
-            assert h > 0 and box.sum() == h * w and (x != 0).sum() == 3 * h * w
-            stats.append((h * w / (24 * 32), math.log(h / w)))
-            noise.append(x[:, box].flatten())
-        return np.array(stats), torch.cat(noise)
-
-    (a, noise_a), (b, noise_b) = boxes(ours), boxes(theirs)
-    for k in range(2):
-        assert ks_distance(a[:, k], b[:, k]) < 1.95 * math.sqrt(2 / 3000)  # the two-sample test at 0.1%
-    for noise in (noise_a, noise_b):
-        assert abs(noise.mean()) < 0.01 and abs(noise.std() - 1) < 0.01
+    (rate_a, *a), (rate_b, *b) = box_stats(erasing_box), box_stats(timm_box)
+    assert within(rate_a * 3000, 3000, 0.25) and within(rate_b * 3000, 3000, 0.25)
+    for k in range(2):  # the two-sample test at 0.1%, on the boxes drawn
+        assert ks_distance(a[k], b[k]) < 1.95 * math.sqrt(1 / len(a[k]) + 1 / len(b[k]))
+    # on the device: N(0, 1) inside each box, the normalised image untouched outside
+    images = torch.randint(0, 256, (64, 3, 24, 32), dtype=torch.uint8)
+    boxes = torch.stack([erasing_box(img) for img in images])
+    zero, one = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)
+    x, plain = finish(images, boxes, zero, one), finish(images, None, zero, one)
+    inside = torch.zeros(64, 24, 32, dtype=torch.bool)
+    for k, (y0, y1, x0, x1) in enumerate(boxes.tolist()):
+        inside[k, y0:y1, x0:x1] = True
+    assert torch.equal(x.permute(1, 0, 2, 3)[:, ~inside], plain.permute(1, 0, 2, 3)[:, ~inside])
+    noise = x.permute(1, 0, 2, 3)[:, inside].flatten()
+    assert inside.any() and abs(noise.mean()) < 5 / math.sqrt(len(noise)) and abs(noise.std() - 1) < 0.05
 
 
 def test_val_transform_is_deits():
@@ -191,11 +225,10 @@ def test_val_transform_is_deits():
     from timm.data import create_transform
     ours = imagenet_transform(False).transforms
     theirs = create_transform(224, is_training=False, interpolation='bicubic', crop_pct=0.875).transforms
-    assert [type(t).__name__ for t in ours] == ['Resize', 'CenterCrop', 'ToTensor', 'Normalize']
+    assert [type(t).__name__ for t in ours] == ['Resize', 'CenterCrop', 'PILToTensor']
     assert [type(t).__name__ for t in theirs] == ['Resize', 'CenterCrop', 'MaybeToTensor', 'Normalize']
     assert (ours[0].size, ours[0].interpolation.value, ours[1].size) == \
         (theirs[0].size, theirs[0].interpolation.value, theirs[1].size) == (256, 'bicubic', (224, 224))
-    assert np.allclose(ours[3].mean, theirs[3].mean) and np.allclose(ours[3].std, theirs[3].std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,16 +251,42 @@ def write_tiny_imagenet(root):
 def test_imagenet_transforms_and_classes(tmp_path):
     write_tiny_imagenet(tmp_path)
     val = load_imagenet(str(tmp_path), train=False, img_size=32)
-    assert val.classes == ['n01', 'n02']
+    assert val.classes == ['n01', 'n02'] and val.targets == [0, 1]
     image, target = val[1]  # the flat-coloured n02 image: resize and crop keep the colour
-    mean, std = torch.tensor(DATASETS['imagenet']['mean']), torch.tensor(DATASETS['imagenet']['std'])
-    expected = (torch.tensor([200, 40, 90]) / 255 - mean) / std
-    assert target == 1 and image.shape == (3, 32, 32)
-    assert torch.allclose(image.mean((1, 2)), expected, atol=0.05) and image.std((1, 2)).max() < 0.05
-    train = load_imagenet(str(tmp_path), train=True, img_size=32)
-    torch.manual_seed(0)  # torchvision's transforms draw from the global generator
-    (a, target_a), (b, _) = train[0], train[0]
-    assert target_a == 0 and a.shape == (3, 32, 32) and not torch.equal(a, b)  # random crops of a noise image
+    assert target == 1 and image.shape == (3, 32, 32) and image.dtype == torch.uint8
+    assert (image.float().mean((1, 2)) - torch.tensor([200., 40., 90.])).abs().max() < 3
+    train = load_imagenet(str(tmp_path), train=True, img_size=32, seed=0)
+    state = torch.get_rng_state()
+    (a, target_a, box_a), (b, _, box_b) = train[(0, 3, 0)], train[(0, 3, 0)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's generator is left as it was
+    assert target_a == 0 and a.shape == (3, 32, 32) and torch.equal(a, b) and torch.equal(box_a, box_b)
+    others = [train[key][0] for key in ((0, 3, 1), (0, 4, 0))]  # another copy, another epoch: other crops
+    assert not any(torch.equal(a, other) for other in others)
+    assert not torch.equal(a, load_imagenet(str(tmp_path), True, 32, seed=1)[(0, 3, 0)][0])  # another seed
+
+
+def test_persistent_workers_resume_exactly(tmp_path):
+    """Workers live across epochs, and an image's augmentation is a function of (seed, epoch, index, copy):
+    a fresh loader set to epoch 1, with another number of workers, gives what the first gave in epoch 1."""
+    import train
+    write_tiny_imagenet(tmp_path)
+    argv = ['--data', 'imagenet', '--data-path', str(tmp_path), '--img-size', '32', '--batch-size', '2',
+            '--repeats', '2']
+
+    def epochs(workers, wanted):
+        args = train.get_args(argv + ['--workers', str(workers)])
+        loader = train.build_data(args, 0, torch.device('cpu'))[0]
+        out = []
+        for epoch in wanted:
+            loader.set_epoch(epoch)
+            torch.manual_seed(epoch)  # as train.py seeds every epoch, for lam and the boxes
+            out.append([b for batch in loader for b in batch] + [torch.rand(3)])  # the global stream after
+        return out
+
+    first = epochs(2, [0, 1])
+    assert len(first[1]) == 5 and not all(torch.equal(a, b) for a, b in zip(*first))
+    resumed = epochs(0, [1])[0]
+    assert all(torch.equal(a, b) for a, b in zip(first[1], resumed))
 
 
 def test_imagenet_layout_errors(tmp_path):

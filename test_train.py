@@ -345,12 +345,26 @@ def test_recipes_set_repeats_and_workers_follow_the_cpus(monkeypatch):
     assert train.get_args(["--data", "imagenet", "--model", "swin_t", "--repeats", "2"]).repeats == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert train.get_args([]).workers == 10  # 12 CPUs a GPU: DeiT's 10
+    assert train.get_args([]).workers == 11  # 12 CPUs a GPU, one of them the training process's
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert train.get_args([]).workers == 6
+    assert train.get_args([]).workers == 5
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert train.get_args([]).workers == 1  # fewer CPUs than processes: still one loader process each
     assert train.get_args(["--workers", "3"]).workers == 3
+
+
+def test_a_dev_shm_too_small_for_the_loaders_is_named_before_the_first_batch(monkeypatch):
+    """Docker's default /dev/shm (64 MB) cannot hold 8 processes x 10 workers x 2 batches of 128 uint8 images
+    (19.3 MB each): one line with the sizes and what to change, not a bus error in a worker."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    args = train.get_args(["--data", "imagenet", "--workers", "10", "--batch-size", "128"])
+    with pytest.raises(train.UserError, match=r"^/dev/shm has 64 MB free, the loaders need ~2940 MB \(10 workers "
+                                              r"x 2 batches of 18.4 MB per process\): run the container with "
+                                              r"--ipc=host or --shm-size=6g, or lower --workers$"):
+        train.check_shared_memory(args, 224, free=64 * 2**20)
+    train.check_shared_memory(args, 224, free=3 * 2**30)  # enough
+    args.workers = 0  # no workers, no shared memory
+    train.check_shared_memory(args, 224, free=0)
 
 
 def write_folders(root, train_counts):
@@ -367,10 +381,10 @@ def test_imagenet_subset_is_class_balanced_and_the_sampler_repeats(tmp_path):
     write_folders(tmp_path, [4, 6, 1, 5])
     argv = ["--data", "imagenet", "--data-path", str(tmp_path), "--batch-size", "2", "--workers", "0"]
     loader = train.build_data(train.get_args(argv + ["--subset", "9"]), 0, CPU)[0]
-    counts = torch.bincount(torch.tensor(loader.dataset.dataset.targets)[loader.dataset.indices])
+    counts = torch.bincount(torch.tensor(loader.loader.dataset.targets))
     assert counts[2] == 1 and sorted(counts[[0, 1, 3]].tolist()) == [2, 3, 3]  # class 2 gives all it has
     other = train.build_data(train.get_args(argv + ["--subset", "9", "--seed", "1"]), 0, CPU)[0]
-    assert other.dataset.indices != loader.dataset.indices  # drawn with --seed (on every rank alike)
+    assert other.loader.dataset.samples != loader.loader.dataset.samples  # drawn with --seed (every rank alike)
     assert isinstance(loader.sampler, data.RepeatedAugSampler) and loader.sampler.repeats == 3
     assert len(loader.sampler) == 9
     with pytest.raises(train.UserError, match="--subset 3 is fewer than the 4 classes"):

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -136,7 +137,7 @@ def get_args(argv=None, world=None):
                         "gradients on some torch versions and GPUs; bench.py --gpu-check tells)")
     p.add_argument("--workers", type=int, default=None,
                    help="ImageNet loader processes per GPU (default: the CPUs this process may use divided by "
-                        "torchrun's LOCAL_WORLD_SIZE, at least 1, at most 10 as in DeiT)")
+                        "torchrun's LOCAL_WORLD_SIZE, less one for training, at least 1)")
     p.add_argument("--output-dir", default=None,
                    help="where the log and checkpoints go (default: a new runs/<time>-<data>-<model>, linked as "
                         "runs/latest; with --resume, the checkpoint's folder); a folder holding a run is refused")
@@ -177,13 +178,29 @@ def get_args(argv=None, world=None):
 
 
 def default_workers():
-    """--workers' default: the CPUs this process may run on, shared by the processes torchrun started on
-    this node (LOCAL_WORLD_SIZE), at least 1 and at most 10 (DeiT's --num_workers)."""
+    """--workers' default: the CPUs a GPU has, those this process may run on shared by the processes
+    torchrun started on this node (LOCAL_WORLD_SIZE), less one for the training process itself; at least 1.
+    A GPU needs every core it can get (REFERENCE.md: ~6 per RTX 3090 for DeiT-S), so no fixed cap."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # no CPU affinity on macOS and Windows
         cpus = os.cpu_count() or 1
-    return max(1, min(10, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+
+
+def check_shared_memory(args, img_size, free=None):
+    """Refuse a loader whose batches in flight do not fit in /dev/shm, where worker processes hand their
+    batches over: every process on this node keeps --workers x 2 (the prefetch) uint8 batches there.
+    Docker's default /dev/shm is 64 MB; without this check the first batch dies of a bus error."""
+    if args.workers == 0 or (free is None and not os.path.isdir("/dev/shm")):
+        return
+    free = shutil.disk_usage("/dev/shm").free if free is None else free
+    batch = args.batch_size * 3 * img_size ** 2  # bytes of one uint8 batch
+    need = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * args.workers * 2 * batch
+    if need > free:
+        raise UserError(f"/dev/shm has {free / 2**20:.0f} MB free, the loaders need ~{need / 2**20:.0f} MB ("
+                        f"{args.workers} workers x 2 batches of {batch / 2**20:.1f} MB per process): run the "
+                        f"container with --ipc=host or --shm-size={-(-2 * need // 2**30)}g, or lower --workers")
 
 
 def check_args(args):
@@ -257,7 +274,7 @@ def build_data(args, rank, device):
             raise UserError("--data imagenet needs --data-path DIR (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG)")
         # any folders in ImageNet's layout: the size is free, the classes are the folders
         info = dict(info, img_size=args.img_size or info["img_size"])
-        train_set = imagenet.load_imagenet(args.data_path, train=True, img_size=info["img_size"])
+        train_set = imagenet.load_imagenet(args.data_path, train=True, img_size=info["img_size"], seed=args.seed)
         val_set = imagenet.load_imagenet(args.data_path, train=False, img_size=info["img_size"])
         info["num_classes"] = len(train_set.classes)
         if info["num_classes"] < 2:  # one class trains to a meaningless 100%
@@ -269,15 +286,19 @@ def build_data(args, rank, device):
                 raise UserError(f"--subset {args.subset} is fewer than the {info['num_classes']} classes of "
                                 f"{args.data_path}/train: every class needs a training image; give at least "
                                 f"{info['num_classes']}")
-            train_set = torch.utils.data.Subset(train_set, imagenet.class_balanced_subset(train_set.targets,
-                                                                                          args.subset, args.seed))
+            train_set = train_set.subset(imagenet.class_balanced_subset(train_set.targets, args.subset, args.seed))
+        check_shared_memory(args, info["img_size"])
         # repeats 1: DistributedSampler(drop_last=False)'s indices
         sampler = data.RepeatedAugSampler(train_set, world, rank, args.repeats, args.seed)
-        # workers restart every epoch, seeded from the epoch's RNG, so that a resumed run repeats them
-        kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+        # workers live as long as the run: an image's augmentation is a function of (seed, epoch, index, copy)
+        # (and the loaders draw their workers' base seeds from a generator of their own: an iterator made
+        # anew, as on resuming, or reused leaves the global one, which draws lam and boxes, where it was)
+        kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda",
+                  persistent_workers=args.workers > 0, generator=torch.Generator())
         train = torch.utils.data.DataLoader(train_set, sampler=sampler, drop_last=True, **kw)
         # validation: each rank a disjoint stride of the set, no padding, so that gathered counts are exact
         val = torch.utils.data.DataLoader(val_set, sampler=range(rank, len(val_set), world), **kw)
+        train, val = imagenet.DeviceBatches(train, device, args.seed, rank), imagenet.DeviceBatches(val, device)
         return train, val, None, info
     # the synthetic set is the same for every --seed: seeds vary the training, not the data
     if args.holdout:  # the first samples train, the last --holdout validate: the test split stays unseen
@@ -761,7 +782,7 @@ def run(args):
             # the RNG is a function of (seed, epoch, rank): a resumed run repeats the same draws, so the
             # checkpoint needs no RNG state
             torch.manual_seed(data.derive_seed(args.seed, epoch, rank))
-            (train_loader if hasattr(train_loader, "set_epoch") else train_loader.sampler).set_epoch(epoch)
+            train_loader.set_epoch(epoch)  # the order, and on image folders the augmentation
             t0 = time.time()
             trained = dict(zip(("train_loss", "rate", "lr", "errors"), train_one_epoch(
                 model, train_loader, optimizer, scheduler, scaler, args, device, autocast,
