@@ -1,8 +1,11 @@
 """Tests of train.py: the default run, checkpoints and resume, error paths, the two-process run (CPU)."""
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import uuid
 
 from contextlib import nullcontext
 
@@ -175,10 +178,97 @@ def test_two_process_gloo_run(tmp_path):
     assert code == 0, err[-3000:]
     assert "128 x 2" not in out and "4 steps of 32 x 2" in out  # each rank trains on its half
     assert out.count("done: best val top-1") == 1  # logging on rank 0 only
+    assert out.count("weights agree on all 2 ranks") == 1
     record = json.loads((tmp_path / "log.jsonl").read_text())
     # validation gathered across ranks: the same accuracy as one process evaluating the whole set
     code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "checkpoint.pt"))
     assert code == 0 and f"top-1 {record['val_top1']:.2f}%" in out, (out, err)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(nodes, logs, *args, timeout=180):
+    """Run train.py as two "nodes": two torchrun launchers started at once, one process each (gloo), meeting
+    at a c10d rendezvous on this host; each runs in its own folder of `nodes`, which stands for that node's
+    own file system. Returns each launcher's stdout (rank 0's lines are in one of them); if either fails,
+    prints both launchers' stderr tails and fails. Neither is left running, whatever happens."""
+    port, job = free_port(), uuid.uuid4().hex[:8]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", job,
+               os.path.join(HERE, "train.py"), *args]
+    streams = [(logs / f"{job}-node{i}.out", logs / f"{job}-node{i}.err") for i in range(len(nodes))]
+    procs = []
+    try:
+        for node, (out, err) in zip(nodes, streams):
+            with open(out, "w") as o, open(err, "w") as e:  # files, not pipes: a full pipe would stall a node
+                procs.append(subprocess.Popen(command, cwd=node, stdout=o, stderr=e,
+                                              env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        for p in procs:
+            p.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()  # torchrun ends its workers on SIGTERM
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+        if any(p.returncode != 0 for p in procs) or len(procs) < len(nodes):
+            print("\n".join(f"--- node {i} (exit {p.returncode}), stderr tail:\n{err.read_text()[-4000:]}"
+                            for i, (p, (_, err)) in enumerate(zip(procs, streams))), file=sys.stderr)
+    assert all(p.returncode == 0 for p in procs), [p.returncode for p in procs]
+    return [out.read_text() for out, _ in streams]
+
+
+def test_two_nodes_agree_scale_the_lr_and_resume(tmp_path):
+    nodes = [tmp_path / "node0", tmp_path / "node1"]  # working folders on no shared file system
+    for folder in (*nodes, tmp_path / "logs"):
+        folder.mkdir()
+    small = ["--subset", "128", "--batch-size", "16", "--holdout", "64", "--log-every", "1000"]
+    outs = run_two_nodes(nodes, tmp_path / "logs", "--epochs", "1", *small, "--output-dir", "run")
+    out = "".join(outs)
+    assert "4 steps of 16 x 2" in out and out.count("weights agree on all 2 ranks") == 1, outs
+    # rank 0 alone writes the run, into its own node's folder; the other node gets nothing
+    homes = [node for node in nodes if (node / "run").exists()]
+    assert len(homes) == 1, [sorted(os.listdir(node)) for node in nodes]
+    home = homes[0]
+    assert sorted(os.listdir(home / "run")) == ["best.pt", "checkpoint.pt", "log.jsonl"]
+    # the lr of the global batch, 2 x 16: twice the one-process run's of the same --batch-size, at the peak
+    # (the first line) and in the step the log records (the last of 4, 0.5 of the peak on the cosine)
+    one = train.get_args(["--epochs", "1", *small], world=1)
+    assert f"lr {2 * one.lr:.2e}," in out, out
+    record = json.loads((home / "run" / "log.jsonl").read_text())
+    assert record["lr"] == pytest.approx(2 * one.lr * train.schedule(one, 4)(3), rel=1e-9)
+
+    # resuming: every rank reads --resume, so the run is copied to the same path on the other node first
+    shutil.copytree(home / "run", next(node for node in nodes if node != home) / "run")
+    outs = run_two_nodes(nodes, tmp_path / "logs", "--epochs", "2", *small, "--resume", "run/checkpoint.pt")
+    home = next(node for node, text in zip(nodes, outs) if "done: " in text)  # rank 0's node, maybe the other
+    out = "".join(outs)
+    assert "epoch 0 [" not in out and "epoch 1 [4/4]" in out, outs  # continues from epoch 1
+    assert out.count("weights agree on all 2 ranks") == 1, outs
+    records = [json.loads(line) for line in (home / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert torch.load(home / "run" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_the_weights_fingerprint_tells_one_changed_element():
+    model = vit.create_model("vit_mini", num_classes=10)
+    copy = vit.create_model("vit_mini", num_classes=10)
+    copy.load_state_dict(model.state_dict())
+    assert torch.equal(train.weights_fingerprint(model), train.weights_fingerprint(copy))
+    with torch.no_grad():  # one ulp of one element
+        w = copy.head.weight
+        w[3, 5] = torch.nextafter(w[3, 5], torch.tensor(1.0))
+    a, b = train.weights_fingerprint(model), train.weights_fingerprint(copy)
+    assert a.dtype == torch.int64 and len(a) == len(list(model.parameters()))
+    assert (a != b).sum() == 1
+    assert len(train.weights_fingerprint(copy.to(torch.bfloat16))) == len(a)  # 2-byte elements too
 
 
 def test_warmup_is_the_recipes_but_at_most_a_tenth_of_the_run():

@@ -672,6 +672,35 @@ def kernels_line(model, info, device, autocast):
     return "attention kernels: " + "; ".join(f"{what} -> {kernel}" for what, kernel in kernels.items()) + hint
 
 
+def weights_fingerprint(model):
+    """(P,) int64 on the model's device, one entry per parameter tensor: the sum of its elements' bit
+    patterns read as integers. Equal weights give equal fingerprints on any device, and a change of one
+    element changes its entry: integer sums are exact in any order, where a float sum's rounding depends
+    on the reduction kernel."""
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+    return torch.stack([p.detach().view(ints[p.element_size()]).sum(dtype=torch.int64)
+                        for p in model.parameters()])
+
+
+def check_replicas_agree(model, world, log):
+    """Compare the weights of every rank by their weights_fingerprint; log one line if they agree, else
+    raise UserError on every rank alike.
+
+    DDP makes the replicas equal once, when it wraps the model, and then only gives each the same
+    gradients: a rank whose optimizer state differs (resumed from another copy of the checkpoint) or
+    whose optimizer computes otherwise (another torch) drifts without any error.
+    """
+    mine = weights_fingerprint(model)
+    high, low = mine.clone(), mine.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    if not torch.equal(high, low):
+        raise UserError(f"the weights differ across the {world} ranks at the end of the run (rank 0's are saved): "
+                        f"run the same code and torch on every node, and resume every node from the same "
+                        f"checkpoint")
+    log(f"weights agree on all {world} ranks")
+
+
 def log_epoch(args, epoch, trained, top1, top5, mae, log):
     """Append the epoch's record to log.jsonl and print its line; trained: the figures of its training
     (train_loss, rate, lr, errors as train_one_epoch returns them, seconds).
@@ -799,6 +828,8 @@ def run(args):
             if top1 == best:  # before checkpoint.pt, whose best_top1 must describe a best.pt on disk
                 save("best.pt", epoch, best, val_top1=top1)
             save("checkpoint.pt", epoch, best)
+    if dist.is_initialized():
+        check_replicas_agree(raw, args.world, log)
     log(f"done: best val top-1 {best:.2f}%, last {top1:.2f}%; checkpoints in {args.output_dir}")
     if dist.is_initialized():
         dist.barrier()  # no rank tears the process group down while rank 0 still saves and logs
