@@ -5,7 +5,7 @@
     python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
     python bench.py --model vit_mini --settings      # TL-Align's step in fp32, bf16, bf16 compiled (CPU)
     python bench.py --gpu-check                      # the first run on a GPU machine: does every path train, and how
-    python bench.py --gpu-check --device cpu         # its dry run (deit_s, swin_t, batch 2: ~5 min on 2 cores)
+    python bench.py --gpu-check --device cpu         # its dry run (deit_s, swin_t, batch 2: ~6 min on 2 cores)
     python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
     OMP_NUM_THREADS=1 python bench.py --clock cpu ...          # CPU time per step: a shared machine's waits left out
     python bench.py --make-jpegs /tmp/jpegs --images 200       # an ImageFolder of photo-like JPEGs, ImageNet's sizes
@@ -639,7 +639,8 @@ def device_name(device):
 
 
 def gpu_check(args, device):
-    """--gpu-check: a header, the table of configurations, the kernel table and the forced-backend table."""
+    """--gpu-check: a header, the table of configurations, the kernel table and the forced-backend table. A
+    configuration that raises gets an error row, the others run on, and the exit status is 1."""
     start = time.perf_counter()
     autocast = autocast_for(args, device)
     print(f"gpu-check: {device.type}, {device_name(device)}, torch {torch.__version__}")
@@ -647,13 +648,20 @@ def gpu_check(args, device):
           f"batch {args.batch_size} of random images at each model's size, amp {args.amp}, 1 warm-up + {args.steps} "
           f"timed steps")
     print(GPU_CHECK_HEADER, flush=True)
-    rows = []
-    for name, fused, compiled in check_configs(args.model, args.compiled):
-        rows.append(check_config(args, name, fused, compiled, device, autocast))
+    rows, configs = [], check_configs(args.model, args.compiled)
+    for name, fused, compiled in configs:
+        try:
+            rows.append(check_config(args, name, fused, compiled, device, autocast))
+        except Exception as e:  # a path that fails (compile, a kernel, memory) must not hide the others' figures
+            print(f"{name:9s} {'fused' if fused else 'explicit':8s} {'yes' if compiled else 'no':7s} error: "
+                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", flush=True)
+            continue
         print_check_row(rows[-1])
     print_kernels(rows, args.amp)
     nan_check(args.model, args.batch_size, device, args.num_classes)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if len(rows) < len(configs):
+        sys.exit(f"error: {len(configs) - len(rows)} of {len(configs)} configurations failed (their rows above)")
 
 
 def main():
