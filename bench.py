@@ -4,6 +4,8 @@
     python bench.py --model deit_s --batch-size 64 --device cuda --amp bf16
     python bench.py --model deit_s --profile         # torch.profiler's top operators of one step
     python bench.py --model vit_mini --settings      # TL-Align's step in fp32, bf16, bf16 compiled (CPU)
+    python bench.py --gpu-check                      # the first run on a GPU machine: does every path train, and how
+    python bench.py --gpu-check --device cpu         # its dry run (deit_s, swin_t, batch 2: ~6 min on 2 cores)
     python bench.py --timm deit_small_patch16_224 --fused on   # timm's DeiT-S, with and without track.py
     OMP_NUM_THREADS=1 python bench.py --clock cpu ...          # CPU time per step: a shared machine's waits left out
     python bench.py --make-jpegs /tmp/jpegs --images 200       # an ImageFolder of photo-like JPEGs, ImageNet's sizes
@@ -24,6 +26,14 @@ max_memory_allocated, or on the CPU the growth of the peak resident set (VmHWM) 
 running that mode alone. Saved memory: the bytes autograd keeps for the backward (the activations),
 exact and free of allocator noise.
 
+--gpu-check is what to run first on a GPU: TL-Align training steps (train.py's: CutMix, model(x, token_labels),
+soft-target loss, fused AdamW) of deit_s and swin_t on random 224 px batches, explicit and fused attention, eager
+and compiled, under bf16 autocast. Per configuration: img/s, peak memory, the SDPA kernels, the host's waits for
+the device per step (CUDA's sync debug mode; on a CPU the reads of a tensor's value, as test_train.py counts them)
+and the agreement of its label and gradients with the explicit eager model's. Then every SDPA backend forced
+through a bf16 backward of each fused model (Swin's passes a mask), checked for NaN gradients. On a CPU
+(--device cpu) a dry run: batch 2, 2 steps, one configuration compiled, train.py's --amp auto.
+
 --loader times train.py's ImageNet input pipeline instead (imagenet.load_imagenet's train transforms through a
 DataLoader), per number of worker processes: wall-clock images a second, and images per CPU-second of the
 workers, the cost of feeding a GPU in cores. --make-jpegs writes images to time it on when there is no
@@ -38,15 +48,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+import warnings
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import data
 import imagenet
 import tl_align as tl
+import train
 import vit
 from track import track_labels
 
@@ -394,6 +407,266 @@ def bench_loader(args):
         print(f"{workers:7d} {rate:8.1f} {rate / workers:16.1f} {per_cpu:13.1f} {size / 2**20:12.2f}", flush=True)
 
 
+# --gpu-check: the first run on a GPU (a dry run on a CPU): does every path train, how fast, does a step
+# wait for the device, do fused and explicit attention agree, does any SDPA kernel return NaN gradients
+
+# every way the host can read a tensor's value; on a GPU each one waits for the device to catch up
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+CUTMIX_DRAWS = {"_sample_lambda", "_rand_box"}  # lam and the box, drawn from CPU tensors in any run
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
+# per device: models, batch, timed steps, which configurations are compiled too (--compiled)
+GPU_CHECK = {"cuda": dict(models=["deit_s", "swin_t"], batch_size=64, steps=50, compiled="all"),
+             "cpu": dict(models=["deit_s", "swin_t"], batch_size=2, steps=2, compiled="one")}
+
+
+@contextmanager
+def host_reads(loop_of):
+    """A list that collects, while inside, every host read of a tensor's value (HOST_READS: .item(), .tolist(),
+    .cpu(), .numpy(), bool/int/float/index of a tensor), by our code or torch's Python code, that
+    loop_of(frame of the reading function) names: as (loop_of's name, read, function, line); loop_of returns
+    None for reads not to count. On a CPU every tensor is a host tensor, so the reads are counted where they
+    are made, which is where a GPU run would wait."""
+    reads, originals = [], {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counting(name, original):
+        def counted(self, *args, **kwargs):
+            caller = sys._getframe(1)
+            loop = loop_of(caller)
+            if loop:
+                reads.append((loop, name, caller.f_code.co_name, caller.f_lineno))
+            return original(self, *args, **kwargs)
+        return counted
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counting(name, original))
+    try:
+        yield reads
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def in_step(frame):
+    """'step' for a frame of make_step's step or of anything it calls, except CutMix's host draws; else None."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in CUTMIX_DRAWS:
+            return None
+        if code.co_name == "step" and code.co_filename == __file__:
+            return "step"
+        frame = frame.f_back
+    return None
+
+
+@contextmanager
+def device_syncs(device):
+    """A list that holds, after the block, each wait of the host for the device during it: on CUDA the
+    synchronizing operations torch's sync debug mode reports (warnings, caught); on a CPU the host reads made
+    in make_step's steps (host_reads), the calls a GPU run would wait at."""
+    if device.type != "cuda":
+        with host_reads(in_step) as reads:
+            yield reads
+        return
+    syncs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield syncs
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs += [w for w in caught if "synchronizing" in str(w.message)]
+
+
+def timed_steps(step, steps, device):
+    """(seconds, host waits) of `steps` calls of step; the waits (device_syncs) are counted inside the timing,
+    where a GPU run's waits cost their time."""
+    found = []
+
+    def run():
+        with device_syncs(device) as syncs:
+            for _ in range(steps):
+                step()
+        found.extend(syncs)
+    return timed(run, device), len(found)
+
+
+def tl_align_gradients(model, x, token_labels, y, autocast, num_classes):
+    """One TL-Align forward and backward (train.py's step, no optimizer): the aligned label (B, K) and the
+    parameters' gradients, in the order of model.parameters()."""
+    model.zero_grad(set_to_none=True)
+    with autocast:
+        logits, label, _ = model(x, token_labels)
+        loss = tl.soft_cross_entropy(logits, tl.class_target(label, torch.stack([y, y.flip(0)], 1), num_classes, 0.1))
+    loss.backward()
+    return label.detach(), [p.grad for p in model.parameters()]
+
+
+def agreement(name, model, runner, batch, autocast, num_classes):
+    """(max |label difference|, max relative gradient difference) of runner (model, maybe compiled) against the
+    explicit eager model with the same weights on one fixed CutMix batch, under `autocast`. The gradient
+    difference of a parameter is max |g - g_ref| / max |g_ref|; the figure is the largest over parameters."""
+    device = next(model.parameters()).device
+    reference, _ = build(name, False, device, num_classes)
+    reference.load_state_dict(model.state_dict())
+    torch.manual_seed(1)
+    p, size = geometry(model)
+    x, w, _ = tl.cutmix(torch.randn(batch, 3, size, size, device=device), p)
+    y = torch.randint(num_classes, (batch,), device=device)
+    label, grads = tl_align_gradients(runner, x, w, y, autocast, num_classes)
+    ref_label, ref_grads = tl_align_gradients(reference, x, w, y, autocast, num_classes)
+    grad_diff = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-30)).item() for g, r in zip(grads, ref_grads))
+    return (label - ref_label).abs().max().item(), grad_diff
+
+
+def check_configs(models, compiled):
+    """(model, fused, compiled) in the order they run: each model explicit, then fused, eager and, by
+    --compiled, compiled too: all, one (the first model's fused path: the most code under compile) or none."""
+    return [(name, fused, comp) for name in models for fused in (False, True) for comp in (False, True)
+            if not comp or compiled == "all" or (compiled == "one" and name == models[0] and fused)]
+
+
+def check_config(args, name, fused, compiled, device, autocast):
+    """One row of the table: args.steps TL-Align training steps of a fresh model on a random batch, after one
+    warm-up step (which compiles), with fused AdamW as train.py's; the figures of GPU_CHECK_HEADER."""
+    model, _ = build(name, fused, device, args.num_classes)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    runner = torch.compile(model) if compiled else model  # forwards attributes to the model
+    step = make_step(runner, optimizer, "tl_k2", args.batch_size, device, autocast, args.num_classes)
+    first = timed(step, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, syncs = timed_steps(step, args.steps, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
+    label_diff, grad_diff = (agreement(name, model, runner, args.batch_size, autocast, args.num_classes)
+                             if fused or compiled else (None, None))
+    p, size = geometry(model)
+    x, w, _ = tl.cutmix(torch.randn(args.batch_size, 3, size, size, device=device), p)
+    with autocast:
+        kernels = vit.attention_kernels(model, x, w)  # the eager calls' (a compiled model's cannot be seen so)
+    return dict(model=name, attn="fused" if fused else "explicit", compiled=compiled, first=first,
+                img_s=args.steps * args.batch_size / seconds, peak_mb=peak, syncs=syncs / args.steps,
+                kernels=kernels, label_diff=label_diff, grad_diff=grad_diff)
+
+
+GPU_CHECK_HEADER = (f"{'model':9s} {'attn':8s} {'compile':7s} {'first s':>7s} {'img/s':>8s} {'peak MB':>7s} "
+                    f"{'syncs/step':>10s} {'kernels':16s} {'label diff':>10s} {'grad diff':>9s}")
+
+
+def print_check_row(r):
+    """A row under GPU_CHECK_HEADER; n/a: no peak memory on a CPU; ref: the reference of the agreement."""
+    kernels = ",".join(dict.fromkeys(k.split("_")[0] for k in r["kernels"].values())) or "-"  # as short_name
+    peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+    diffs = ("ref", "ref") if r["label_diff"] is None else (f"{r['label_diff']:.1e}", f"{r['grad_diff']:.1e}")
+    print(f"{r['model']:9s} {r['attn']:8s} {'yes' if r['compiled'] else 'no':7s} {r['first']:7.1f} {r['img_s']:8.1f} "
+          f"{peak:>7s} {r['syncs']:10.2f} {kernels:16s} {diffs[0]:>10s} {diffs[1]:>9s}", flush=True)
+
+
+def print_kernels(rows, amp):
+    """Each kind of SDPA call of each fused model, and the kernel torch picks for it."""
+    print(f"\nSDPA kernels, one forward with token labels, amp {amp} (vit.attention_kernels; explicit attention "
+          "makes no SDPA call):")
+    calls = {(r["model"], call): kernel for r in rows for call, kernel in r["kernels"].items()}
+    width = max((len(call) for _, call in calls), default=0)
+    for (name, call), kernel in calls.items():
+        print(f"{name:9s} {call:{width}s}  {kernel}")
+
+
+def forced_backend(model, backend, x, y):
+    """'ok', 'NaN/Inf' (in a parameter's gradient) or 'n/a' of one bf16 forward and backward of model(x) with
+    SDPA forced to `backend`, and why n/a (the first line of torch's reason). Without token labels: their
+    calls have no backward, and in bf16 they run in float32, which flash and cuDNN kernels do not take."""
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with sdpa_kernel([backend]):
+                with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+        except RuntimeError as e:
+            # the error is generic; torch's checks (sdp_utils) warn why, under a "... not used because:" line
+            reasons = [str(w.message).split(" (Triggered internally")[0].strip() for w in caught
+                       if "sdp_utils" in str(w.message)]
+            reasons = [r for r in reasons if r and not r.endswith("because:")]
+            return "n/a", (reasons or [str(e)])[0].splitlines()[0]
+    finite = all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    return ("ok" if finite else "NaN/Inf"), None
+
+
+def nan_check(models, batch, device, num_classes):
+    """The table of forced SDPA backends (rows) against the fused models (columns; Swin passes a mask)."""
+    results, columns = {}, {}
+    for name in models:
+        model, _ = build(name, True, device, num_classes)
+        columns[name] = f"{name} ({'mask' if isinstance(model, vit.SwinTransformer) else 'no mask'})"
+        size = geometry(model)[1]
+        x, y = torch.randn(batch, 3, size, size, device=device), torch.randint(num_classes, (batch,), device=device)
+        results[name] = {b: forced_backend(model, b, x, y) for b in BACKENDS}
+    print(f"\nSDPA backends forced (torch.nn.attention.sdpa_kernel), fused attention, bf16 forward + backward, batch "
+          f"{batch}: ok / NaN/Inf in gradients / n/a (not available here)")
+    print(f"{'backend':10s} " + " ".join(f"{c:18s}" for c in columns.values()))
+    for b in BACKENDS:
+        print(f"{short_name(b):10s} " + " ".join(f"{results[n][b][0]:18s}" for n in models))
+    for b in BACKENDS:
+        reasons = {}  # reason -> models, so that a reason common to all is printed once
+        for name in models:
+            status, reason = results[name][b]
+            if reason:
+                reasons.setdefault(reason, []).append(name)
+            if status == "NaN/Inf":
+                advice = (": train with --no-cudnn-attention (train.py; torch.backends.cuda.enable_cudnn_sdp(False))"
+                          if b == SDPBackend.CUDNN_ATTENTION else "")
+                print(f"  warning: {short_name(b)} attention gave NaN/Inf gradients ({name}){advice}")
+        for reason, names in reasons.items():
+            print(f"  n/a {short_name(b)} ({', '.join(names)}): {reason}")
+
+
+def short_name(backend):
+    """flash, efficient, cudnn or math."""
+    return backend.name.split("_")[0].lower()
+
+
+def device_name(device):
+    """The GPU with its capability, memory, CUDA and cuDNN versions; or the CPU's model name and threads."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return (f"{props.name} (capability {props.major}.{props.minor}, {props.total_memory / 2 ** 30:.0f} GB, "
+                f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})")
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "CPU")
+    except OSError:
+        name = "CPU"
+    threads = torch.get_num_threads()
+    return f"{name} ({threads} thread{'s' if threads > 1 else ''})"
+
+
+def gpu_check(args, device):
+    """--gpu-check: a header, the table of configurations, the kernel table and the forced-backend table. A
+    configuration that raises gets an error row, the others run on, and the exit status is 1."""
+    start = time.perf_counter()
+    autocast = autocast_for(args, device)
+    print(f"gpu-check: {device.type}, {device_name(device)}, torch {torch.__version__}")
+    print(f"TL-Align training steps (CutMix, model(x, token_labels), soft-target loss, backward, fused AdamW), "
+          f"batch {args.batch_size} of random images at each model's size, amp {args.amp}, 1 warm-up + {args.steps} "
+          f"timed steps")
+    print(GPU_CHECK_HEADER, flush=True)
+    rows, configs = [], check_configs(args.model, args.compiled)
+    for name, fused, compiled in configs:
+        try:
+            rows.append(check_config(args, name, fused, compiled, device, autocast))
+        except Exception as e:  # a path that fails (compile, a kernel, memory) must not hide the others' figures
+            print(f"{name:9s} {'fused' if fused else 'explicit':8s} {'yes' if compiled else 'no':7s} error: "
+                  f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}", flush=True)
+            continue
+        print_check_row(rows[-1])
+    print_kernels(rows, args.amp)
+    nan_check(args.model, args.batch_size, device, args.num_classes)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if len(rows) < len(configs):
+        sys.exit(f"error: {len(configs) - len(rows)} of {len(configs)} configurations failed (their rows above)")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=list(vit.PRESETS), help=f"default: {' '.join(DEFAULT_MODELS)}, "
@@ -402,7 +675,8 @@ def main():
                    "plain and with track.track_labels")
     p.add_argument("--batch-size", type=int, default=None, help="default: per model, sized for a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"])
+    p.add_argument("--amp", choices=["off", "bf16", "fp16"], help="default: off; --gpu-check: bf16 on CUDA, "
+                   "train.py's --amp auto on a CPU (bf16 where the CPU has bf16 instructions)")
     p.add_argument("--fused", default="both", choices=["off", "on", "both"], help="fused attention")
     p.add_argument("--num-classes", type=int, default=1000, help="C of the K = C mode (ImageNet's 1000)")
     p.add_argument("--modes", nargs="+", default=MODES, choices=MODES + ["track"],
@@ -425,6 +699,15 @@ def main():
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="loader processes to time (--loader)")
     p.add_argument("--make-jpegs", metavar="DIR", help="write --images photo-like JPEGs of ImageNet's sizes to DIR")
     p.add_argument("--images", type=int, default=200, help="training images of --make-jpegs")
+    p.add_argument("--gpu-check", action="store_true", help="the first run on a GPU (--device cpu: a dry run): "
+                   "TL-Align steps of each --model, explicit and fused attention, eager and compiled; img/s, "
+                   "peak memory, SDPA kernels, host syncs per step, fused-vs-explicit agreement, NaN check of "
+                   "every SDPA backend. Defaults per device: " + "; ".join(
+                       f"{d}: {' '.join(c['models'])}, --batch-size {c['batch_size']}, --steps {c['steps']}, "
+                       f"--compiled {c['compiled']}" for d, c in GPU_CHECK.items()))
+    p.add_argument("--steps", type=int, help="timed training steps of each --gpu-check configuration")
+    p.add_argument("--compiled", choices=["all", "one", "none"], help="--gpu-check configurations also run "
+                   "compiled: all, one (the first model's fused attention) or none")
     args = p.parse_args()
     if "plain" not in args.modes:
         p.error("--modes must include plain, the reference of every ratio")
@@ -444,6 +727,16 @@ def main():
         except data.DataError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+    if args.gpu_check:
+        device = torch.device(args.device)
+        if device.type not in GPU_CHECK:
+            p.error(f"--gpu-check runs on {' or '.join(GPU_CHECK)}, not {device.type}")
+        defaults = GPU_CHECK[device.type]
+        args.amp = args.amp or ("bf16" if device.type == "cuda" else train.auto_amp(device))
+        args.model, args.batch_size = args.model or defaults["models"], args.batch_size or defaults["batch_size"]
+        args.steps, args.compiled = args.steps or defaults["steps"], args.compiled or defaults["compiled"]
+        return gpu_check(args, device)
+    args.amp = args.amp or "off"
     models = args.model or ([] if args.timm else list(DEFAULT_MODELS))
     if args.settings:
         for name in args.model or ["vit_mini"]:

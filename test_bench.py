@@ -3,8 +3,13 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
 
 import bench
+import tl_align as tl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,3 +81,73 @@ def test_loader_bench_times_the_imagenet_pipeline_on_written_jpegs(tmp_path):
     p = subprocess.run([sys.executable, "bench.py", "--loader", str(tmp_path / "nowhere")], cwd=HERE,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 2 and p.stderr.startswith("error: ImageNet not found") and p.stdout == ""
+
+
+def test_gpu_check_dry_run_prints_every_figure():
+    """--gpu-check on the CPU, tiny models in bf16, vit_mini's fused path compiled: every configuration's figures,
+    the kernel of each kind of fused call, and each SDPA backend's status for a masked and an unmasked model."""
+    cmd = [sys.executable, "bench.py", "--gpu-check", "--device", "cpu", "--model", "vit_mini", "swin_mini",
+           "--batch-size", "2", "--steps", "2", "--amp", "bf16", "--num-classes", "10"]
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    head, kernels, backends, total = p.stdout.strip().split("\n\n")
+    head = head.splitlines()
+    assert head[0].startswith("gpu-check: cpu, ") and "torch 2." in head[0] and "amp bf16" in head[1]
+    assert head[2].split() == ["model", "attn", "compile", "first", "s", "img/s", "peak", "MB", "syncs/step",
+                               "kernels", "label", "diff", "grad", "diff"]
+    rows = [line.split() for line in head[3:]]
+    assert [r[:3] for r in rows] == [["vit_mini", "explicit", "no"], ["vit_mini", "fused", "no"],
+                                     ["vit_mini", "fused", "yes"], ["swin_mini", "explicit", "no"],
+                                     ["swin_mini", "fused", "no"]]
+    for model, attn, compiled, first, img_s, peak, syncs, kernel, label_diff, grad_diff in rows:
+        assert float(first) > 0 and float(img_s) > 0 and peak == "n/a" and float(syncs) == 0
+        if attn == "explicit":
+            assert kernel == "-" and label_diff == grad_diff == "ref"
+        else:  # bf16: labels within float32 rounding of the explicit path, gradients within bf16's
+            assert "flash" in kernel.split(",") and float(label_diff) < 1e-4 and float(grad_diff) < 0.1
+    calls = [line.split(": ")[0].split() for line in kernels.splitlines()[1:]]
+    assert sorted(calls) == [["swin_mini", "features"], ["swin_mini", "labels"], ["vit_mini", "features"],
+                             ["vit_mini", "labels"]]
+    assert all(line.split()[-1] in ("flash_attention", "math") for line in kernels.splitlines()[1:])
+    table = [line.split() for line in backends.splitlines()[1:] if not line.startswith("  ")]
+    assert table == [["backend", "vit_mini", "(no", "mask)", "swin_mini", "(mask)"], ["flash", "ok", "n/a"],
+                     ["efficient", "n/a", "n/a"], ["cudnn", "n/a", "n/a"], ["math", "ok", "ok"]]
+    reasons = [line.split(":")[0].strip() for line in backends.splitlines() if line.startswith("  n/a")]
+    assert reasons == ["n/a flash (swin_mini)", "n/a efficient (vit_mini, swin_mini)",
+                       "n/a cudnn (vit_mini, swin_mini)"]
+    assert total.startswith("total ") and total.endswith(" s")
+
+
+def test_host_reads_in_a_step_are_counted(monkeypatch):
+    """On a CPU, each read of a tensor's value in a training step counts as a wait, CutMix's host draws do not."""
+    model, _ = bench.build("vit_mini", False, torch.device("cpu"), 10)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)  # the unfused one reads every step count
+    step = bench.make_step(model, optimizer, "tl_k2", 2, torch.device("cpu"), nullcontext(), 10)
+    assert bench.timed_steps(step, 2, torch.device("cpu"))[1] == 0
+    loss = tl.soft_cross_entropy
+
+    def reading_loss(logits, target):
+        value = loss(logits, target)
+        value.item()
+        return value
+    monkeypatch.setattr(tl, "soft_cross_entropy", reading_loss)
+    assert bench.timed_steps(step, 2, torch.device("cpu"))[1] == 2
+
+
+def test_gpu_check_reports_a_failing_configuration_and_runs_on(monkeypatch, capsys):
+    check_config = bench.check_config
+
+    def failing_when_fused(args, name, fused, *rest):
+        if fused:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        return check_config(args, name, fused, *rest)
+    monkeypatch.setattr(bench, "check_config", failing_when_fused)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--gpu-check", "--device", "cpu", "--model", "vit_mini", "--steps",
+                                      "1", "--compiled", "none", "--amp", "bf16", "--num-classes", "10"])
+    with pytest.raises(SystemExit) as exit_:
+        bench.main()
+    assert exit_.value.code == "error: 1 of 2 configurations failed (their rows above)"
+    out = capsys.readouterr().out.splitlines()
+    assert out[3].split()[:3] == ["vit_mini", "explicit", "no"] and out[3].split()[-1] == "ref"
+    assert out[4] == "vit_mini  fused    no      error: RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert out[-1].startswith("total ")

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
+import bench
 import checkpoint
 import data
 import train
@@ -340,49 +341,33 @@ def test_a_learning_rate_below_the_floor_is_not_raised():
     assert max(ours) == pytest.approx(5e-6) and all(a >= b for a, b in zip(ours[4:], ours[5:]))
 
 
-# Every way the host can read a tensor's value; on a GPU each one waits for the device to catch up.
-HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 # lam, the CutMix box and DeiT's switch are drawn on the host, from CPU tensors: nothing waits for a GPU
 HOST_DRAWS = {"_sample_lambda", "_rand_box", "batch_mix"}
 
 
-def count_host_reads(monkeypatch):
-    """Record each host read of a tensor's value made in the training step or the evaluation, in our code or
-    in torch's Python code under it (optimizer, GradScaler, clipping, DDP), as (loop, read, function, line).
-    On this CPU every tensor is a host tensor, so reads are counted where they are made, which is where a
-    GPU run would wait; the data loader and the host-side draws hold host data in any run, and are left out."""
-    reads = []
-
-    def loop_of(frame):
-        while frame is not None:
-            code = frame.f_code
-            if code.co_name in HOST_DRAWS or os.path.abspath(code.co_filename) == os.path.abspath(data.__file__):
-                return None
-            if code.co_name in ("train_one_epoch", "evaluate") and code.co_filename == train.__file__:
-                return code.co_name
-            frame = frame.f_back
-        return None
-
-    for name in HOST_READS:
-        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
-            caller = sys._getframe(1)
-            loop = loop_of(caller)
-            if loop:
-                reads.append((loop, _name, caller.f_code.co_name, caller.f_lineno))
-            return _original(self, *args, **kwargs)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return reads
+def loop_of(frame):
+    """The loop a host read of a tensor's value belongs to (bench.host_reads): the training step or the evaluation,
+    in our code or in torch's Python code under it (optimizer, GradScaler, clipping, DDP); the data loader and the
+    host-side draws hold host data in any run, and are left out (None)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in HOST_DRAWS or os.path.abspath(code.co_filename) == os.path.abspath(data.__file__):
+            return None
+        if code.co_name in ("train_one_epoch", "evaluate") and code.co_filename == train.__file__:
+            return code.co_name
+        frame = frame.f_back
+    return None
 
 
 @pytest.mark.parametrize("flags", [["--fused-attn"], ["--target", "transmix", "--mix", "both", "--cutmix-mode", "pixel"],
                                    ["--amp", "fp16", "--clip-grad", "1", "--target", "area"], ["--model", "swin_mini"],
                                    ["--target", "oracle"]],
                          ids=["tl_align_fused", "transmix_deit_switch", "fp16_scaler_clip", "swin", "oracle"])
-def test_the_step_never_waits_for_the_device(tmp_path, monkeypatch, flags):
+def test_the_step_never_waits_for_the_device(tmp_path, flags):
     # 8 steps, logging after steps 3, 6 and 8: one host read at each, none in any other step
-    reads = count_host_reads(monkeypatch)
-    train.main(["--epochs", "1", "--subset", "64", "--batch-size", "8", "--log-every", "3", "--holdout", "32",
-                "--output-dir", str(tmp_path), *flags])
+    with bench.host_reads(loop_of) as reads:
+        train.main(["--epochs", "1", "--subset", "64", "--batch-size", "8", "--log-every", "3", "--holdout", "32",
+                    "--output-dir", str(tmp_path), *flags])
     in_loop = [r for r in reads if r[0] == "train_one_epoch"]
     assert [r[1:3] for r in in_loop] == [("tolist", "train_one_epoch")] * 3, in_loop
     assert [r[1:3] for r in reads if r[0] == "evaluate"] == [("tolist", "evaluate")], reads  # one per evaluation
