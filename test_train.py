@@ -15,6 +15,7 @@ import torch
 import bench
 import checkpoint
 import data
+import imagenet
 import train
 import vit
 
@@ -348,10 +349,14 @@ HOST_DRAWS = {"_sample_lambda", "_rand_box", "batch_mix"}
 def loop_of(frame):
     """The loop a host read of a tensor's value belongs to (bench.host_reads): the training step or the evaluation,
     in our code or in torch's Python code under it (optimizer, GradScaler, clipping, DDP); the data loader and the
-    host-side draws hold host data in any run, and are left out (None)."""
+    host-side draws hold host data in any run, and are left out (None): data.py, torch's DataLoader (its workers'
+    base seed) and an image folder's __getitem__ (a loader worker's work)."""
     while frame is not None:
         code = frame.f_code
-        if code.co_name in HOST_DRAWS or os.path.abspath(code.co_filename) == os.path.abspath(data.__file__):
+        file = os.path.abspath(code.co_filename)
+        if code.co_name in HOST_DRAWS or file == os.path.abspath(data.__file__) or \
+                os.path.dirname(file) == os.path.dirname(torch.utils.data.dataloader.__file__) or \
+                (code.co_name == "__getitem__" and file == os.path.abspath(imagenet.__file__)):  # a worker's
             return None
         if code.co_name in ("train_one_epoch", "evaluate") and code.co_filename == train.__file__:
             return code.co_name
@@ -371,6 +376,19 @@ def test_the_step_never_waits_for_the_device(tmp_path, flags):
     in_loop = [r for r in reads if r[0] == "train_one_epoch"]
     assert [r[1:3] for r in in_loop] == [("tolist", "train_one_epoch")] * 3, in_loop
     assert [r[1:3] for r in reads if r[0] == "evaluate"] == [("tolist", "evaluate")], reads  # one per evaluation
+
+
+def test_the_image_folder_step_never_waits_for_the_device(tmp_path):
+    """Image folders' uint8 batches are normalised and erased on the device (imagenet.DeviceBatches): no host
+    read there either. --workers 0, so that the worker's part runs in this process, told apart as
+    Folder.__getitem__; 4 steps logging after 2 and 4: two reads, and one for the evaluation."""
+    write_folders(tmp_path / "data", [4, 4])
+    with bench.host_reads(loop_of) as reads:
+        train.main(["--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model", "vit_mini", "--img-size",
+                    "32", "--epochs", "1", "--batch-size", "2", "--workers", "0", "--repeats", "1", "--log-every",
+                    "2", "--output-dir", str(tmp_path / "run")])
+    assert [r[1:3] for r in reads if r[0] == "train_one_epoch"] == [("tolist", "train_one_epoch")] * 2, reads
+    assert [r[1:3] for r in reads if r[0] == "evaluate"] == [("tolist", "evaluate")], reads
 
 
 def test_cpu_bf16_is_read_off_the_feature_flags(tmp_path, monkeypatch):
