@@ -11,10 +11,9 @@ import pytest
 import torch
 
 import train
-from test_train import SMALL, run_cli, write_folders
+from test_train import FAST, SMALL, run_cli, write_folders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAST = [*SMALL, "--holdout", "64"]  # validation on 64 images, not 2,000: these tests need runs, not their figures
 
 
 def one_error_line(err, code, expected=2):

@@ -22,6 +22,7 @@ import vit
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device("cpu")
 SMALL = ["--subset", "256", "--batch-size", "64", "--log-every", "1000"]
+FAST = [*SMALL, "--holdout", "64"]  # validation on 64 training images, not 2,000: runs whose figures do not matter
 
 
 def run_cli(*args, cwd=HERE):
@@ -35,7 +36,7 @@ def weights(path):
 
 
 def test_default_run_one_short_epoch(tmp_path):
-    code, out, err = run_cli("train.py", "--epochs", "1", *SMALL, "--output-dir", str(tmp_path))
+    code, out, err = run_cli("train.py", "--epochs", "1", *FAST, "--output-dir", str(tmp_path))
     assert code == 0, err
     assert "val top-1" in out and "done: best val top-1" in out
     record = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
@@ -47,7 +48,7 @@ def test_default_run_one_short_epoch(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # loads without running code
     assert ckpt["epoch"] == 0 and ckpt["args"]["model"] == "vit_mini"
     assert torch.load(tmp_path / "best.pt", weights_only=True)["val_top1"] == record["val_top1"]
-    code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "best.pt"))
+    code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "best.pt"), *FAST)  # the same 64
     assert code == 0 and f"top-1 {record['val_top1']:.2f}%" in out, err
 
 
@@ -56,7 +57,7 @@ class Killed(Exception):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    common = ["--epochs", "2", *SMALL, "--drop-path", "0.1", "--mix", "both"]
+    common = ["--epochs", "2", *FAST, "--drop-path", "0.1", "--mix", "both"]
     train.main(common + ["--output-dir", str(tmp_path / "straight")])
 
     save = checkpoint.save_atomic
@@ -98,11 +99,11 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys):
     out = str(tmp_path)
-    train.main(["--epochs", "1", *SMALL, "--output-dir", out])
+    train.main(["--epochs", "1", *FAST, "--output-dir", out])
     before = (tmp_path / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(train.tl, "soft_cross_entropy", lambda logits, target: logits.sum() * float("nan"))
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--epochs", "2", *SMALL, "--output-dir", out, "--resume", out + "/checkpoint.pt"])
+        train.main(["--epochs", "2", *FAST, "--output-dir", out, "--resume", out + "/checkpoint.pt"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: non-finite loss") and "\n" not in err
@@ -422,7 +423,7 @@ def test_holdout_validates_on_the_last_training_samples():
 
 
 def test_eval_every_evaluates_on_schedule_and_at_the_end(tmp_path):
-    train.main(["--epochs", "3", "--eval-every", "2", *SMALL, "--output-dir", str(tmp_path)])
+    train.main(["--epochs", "3", "--eval-every", "2", *FAST, "--output-dir", str(tmp_path)])
     logs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["val_top1"] is not None for r in logs] == [False, True, True]
     assert logs[0]["label_mae_tl"] is None and logs[2]["label_mae_tl"] is not None
@@ -530,7 +531,7 @@ def test_the_log_measures_the_training_targets_against_the_objects(tmp_path):
     logged = {}
     for name, flags in {"oracle": ["--target", "oracle"], "area": ["--target", "area"],
                         "tl_align": [], "none": ["--mix", "none"]}.items():
-        train.main(["--epochs", "1", *SMALL, "--holdout", "64", "--output-dir", str(tmp_path / name), *flags])
+        train.main(["--epochs", "1", *FAST, "--output-dir", str(tmp_path / name), *flags])
         logged[name] = json.loads((tmp_path / name / "log.jsonl").read_text())
     assert logged["oracle"]["train_target_mae"] == 0 and logged["oracle"]["train_ghost_rate"] == 0
     assert 0.05 < logged["area"]["train_target_mae"] < 0.3 and 0 < logged["area"]["train_ghost_rate"] < 0.5
