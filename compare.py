@@ -355,7 +355,11 @@ def log_invocation(args, runs, seconds):
     path = os.path.join(args.out, "invocations.json")
     os.makedirs(args.out, exist_ok=True)
     entries = read_json(path, [])
-    entries.append(dict(argv=shlex.join(["python", "compare.py", *sys.argv[1:]]), seconds=seconds,
+    argv = sys.argv[1:]
+    if "--results" in argv:  # where the report went, a path of that machine: not part of what ran
+        i = argv.index("--results")
+        argv = argv[:i] + argv[i + 2:]
+    entries.append(dict(argv=shlex.join(["python", "compare.py", *argv]), seconds=seconds,
                         dirs=[r["dir"] for r in runs], commit=git_commit()))
     write_json(path, entries)
 
@@ -415,7 +419,9 @@ def calibration_table(runs, args):
                          f" | {statistics.mean(s['wall'] for s in stats) / 60:.1f} |")
     lines += ["", "Paired differences (points, mean ± 95% interval over seeds):", "",
               f"| difference | {head} |", "|---|" + "---|" * len(epochs)]
-    counts, decided = set(epochs), True
+    # decided once every planned run has finished: a verdict on the first seeds would be read as final
+    n_done = sum(map(finished, runs))
+    counts, decided = set(epochs), n_done == len(runs)
     for arm, base in (("area", "none"), ("oracle", "area")):
         pairs = paired(by_arm.get(arm, []), by_arm.get(base, []))
         decided &= len(pairs) > 1
@@ -427,8 +433,9 @@ def calibration_table(runs, args):
         lines.append(f"| {arm} − {base} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) | " + " | ".join(verdict(diffs[e]) for e in epochs)
                      + " |")
     if not decided:
-        verdict_line = ("**Not decided yet**: the regime counts if CutMix beats no mixing and the oracle beats area, "
-                        "both with a 95% interval above 0; that needs at least 2 seeds of each pair.")
+        verdict_line = (f"**Not decided yet** ({n_done} of {len(runs)} runs finished): the regime counts if CutMix "
+                        "beats no mixing and the oracle beats area, both with a 95% interval above 0, once every "
+                        "run has finished (at least 2 seeds of each pair).")
     elif counts:
         verdict_line = ("**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals "
                         f"above 0) at epoch {', '.join(map(str, sorted(counts)))}.")

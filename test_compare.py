@@ -192,4 +192,7 @@ def test_calibration_report_reads_every_evaluated_epoch_and_says_whether_the_reg
     assert "**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals above 0) " \
            "at epoch 4." in text
     early = [r for r in runs if r["arm"] != "oracle" or r["seed"] == 0]  # one oracle seed: no interval yet
-    assert "**Not decided yet**" in "\n".join(compare.calibration_table(early, args))
+    assert "**Not decided yet** (7 of 7 runs finished)" in "\n".join(compare.calibration_table(early, args))
+    with open(os.path.join(runs[-1]["dir"], "log.jsonl"), "w") as f:  # a run still going: no verdict yet
+        f.write(json.dumps(dict(epoch=0, val_top1=None, train_loss=1.0)) + "\n")
+    assert "**Not decided yet** (8 of 9 runs finished)" in "\n".join(compare.calibration_table(runs, args))
