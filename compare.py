@@ -24,16 +24,20 @@ machine can rewrite results.md (--report) and skips what is done.
 results.md, per study and model. A calibration (held-out data): top-1 at every evaluated epoch, the paired
 differences CutMix − none and oracle − area with 95% intervals, and whether the regime counts. A matrix
 (test set): the pilot (no mixing against CutMix), then per arm the final top-1 (mean and std over seeds)
-and its paired difference to the area target with a 95% interval; the label errors of the final models
-(the mean absolute error of the area, TL-Align and TransMix shares of image 1 against the
-visible-foreground truth, truth.target_shares); the commands, seeds, commit and wall time. Only the
-final epoch is reported: picking the best epoch would select on the test set.
+and its paired difference to the area target with a 95% interval; the error and ghost-label rate of
+the targets each arm trained on; the label errors of the final models (the mean absolute error of the
+area, TL-Align and TransMix shares of image 1 against the visible-foreground truth,
+truth.target_shares); each method's share of the oracle's gain, (arm − area) / (oracle − area), with a
+bootstrap interval over seeds; a figure of final top-1 against the training target's error
+(figures/targets_*.png); the commands, seeds, commit and wall time. Only the final epoch is reported:
+picking the best epoch would select on the test set.
 """
 import argparse
 import json
 import math
 import os
 import platform
+import random
 import shlex
 import signal
 import statistics
@@ -66,6 +70,7 @@ ARMS = {
     "oracle":     ["--mix", "cutmix", "--target", "oracle"],  # the upper reference: needs object masks
 }
 PILOT = ["none", "area"]  # run first: the matrix means something only if CutMix pays in the regime
+PILOT_SEEDS = 3
 # The studies that results.md reports, in order: `python compare.py --study NAME` runs one, `--study all` all.
 # calibration: on the last 10,000 training images (--holdout), never the test set, so that choosing the regime
 # and its budget does not tune on the evaluation data; seeds apart from the matrix's.
@@ -74,6 +79,10 @@ STUDIES = {
     "calibration": dict(data="fashion_mnist_small", models=["vit_mini"], arms=["none", "area", "oracle"],
                         seeds=[0, 1, 2, 3, 4], epochs=100, subset=1000, holdout=10000,
                         train_args=[f for f in REGIME["flags"] if f != "--compile"]),
+    # matrix: the calibrated regime (the same data, budget and flags), on the test set with fresh seeds
+    "matrix": dict(data="fashion_mnist_small", models=["vit_mini"],
+                   arms=["none", "area", "oracle", "tl_align", "transmix"], seeds=list(range(100, 110)),
+                   epochs=100, subset=1000, holdout=0, train_args=[f for f in REGIME["flags"] if f != "--compile"]),
 }
 MODELS = ["vit_mini", "swin_mini"]
 # flags of train.py that compare.py sets itself, per run
@@ -93,12 +102,14 @@ def train_command(run, extra):
 
 
 def plan(args):
-    """Every run of the matrix, in the order they are started: the pilot's arms over all seeds first, then
-    the other arms seed by seed, so that a partial matrix already answers the pilot and pairs its arms."""
+    """Every run of the matrix, in the order they are started: the pilot's arms over the first PILOT_SEEDS
+    seeds, then every other run seed by seed, so that a partial matrix soon answers the pilot and then
+    grows by whole seeds, every arm paired."""
     runs = []
     for model in args.models:
-        order = [(arm, seed) for arm in args.arms if arm in PILOT for seed in args.seeds]
-        order += [(arm, seed) for seed in args.seeds for arm in args.arms if arm not in PILOT]
+        first = args.seeds[:PILOT_SEEDS]
+        order = [(arm, seed) for arm in args.arms if arm in PILOT for seed in first]
+        order += [(arm, seed) for seed in args.seeds for arm in args.arms if (arm, seed) not in order]
         for arm, seed in order:
             if arm == "transmix" and vit.PRESETS[model]["family"] != "vit":
                 continue  # TransMix reads the class token's attention
@@ -241,6 +252,8 @@ def label_errors(run, images, val_sets):
     path = os.path.join(run["dir"], f"label_errors_{images}.json")
     if os.path.exists(path):
         return read_json(path, None)
+    if not os.path.exists(os.path.join(run["dir"], "checkpoint.pt")):  # records copied without the model
+        return dict(area=None, tl=None, transmix=None)
     model, args = visualize.load(os.path.join(run["dir"], "checkpoint.pt"))
     if run["data"] not in val_sets:
         val_sets[run["data"]] = data.load_small(run["data"], args.get("data_path"), train=False)
@@ -301,11 +314,20 @@ def verdict(diffs, digits=2, words=("higher", "lower")):
     return f"{m:+.{digits}f} ± {half:.{digits}f} ({word})"
 
 
+def training_errors(run):
+    """(mean training-target MAE, mean ghost rate) over a run's epochs, None where it logged none."""
+    logs = records(run)
+    mae = [r["train_target_mae"] for r in logs if r.get("train_target_mae") is not None]
+    ghost = [r["train_ghost_rate"] for r in logs if r.get("train_ghost_rate") is not None]
+    return (statistics.mean(mae) if mae else None), (statistics.mean(ghost) if ghost else None)
+
+
 def summarize(run, label_images, val_sets):
     """The figures of one finished run."""
     last = records(run)[-1]
+    train_mae, ghost = training_errors(run)
     return dict(seed=run["seed"], final=last["val_top1"], train_loss=last["train_loss"], wall=wall_time(run),
-                **label_errors(run, label_images, val_sets))
+                train_mae=train_mae, ghost=ghost, **label_errors(run, label_images, val_sets))
 
 
 def paired(stats, base):
@@ -314,8 +336,37 @@ def paired(stats, base):
     return [(s, base[s["seed"]]) for s in stats if s["seed"] in base]
 
 
+def share_of_gain(stats, area, oracle, resamples=10000, seed=0):
+    """An arm's share of the oracle's gain over area, (arm - area) / (oracle - area) on the final top-1 over
+    the seeds all three finished, with a 95% percentile bootstrap interval that resamples seeds (each seed
+    keeps its three runs together: the pairing). (share, low, high, seeds, undefined): a resample whose
+    oracle gain is not above 0 has no share; `undefined` is their fraction, and above 2.5% the interval is
+    unbounded (low and high None)."""
+    area, oracle = {s["seed"]: s["final"] for s in area}, {s["seed"]: s["final"] for s in oracle}
+    triples = [(s["final"] - area[s["seed"]], oracle[s["seed"]] - area[s["seed"]]) for s in stats
+               if s["seed"] in area and s["seed"] in oracle]
+    if len(triples) < 2 or sum(o for _, o in triples) <= 0:
+        return None
+    rng, shares, undefined = random.Random(seed), [], 0
+    for _ in range(resamples):
+        draw = [rng.choice(triples) for _ in triples]
+        gain = sum(o for _, o in draw)
+        if gain > 0:
+            shares.append(sum(a for a, _ in draw) / gain)
+        else:
+            undefined += 1
+    point = sum(a for a, _ in triples) / sum(o for _, o in triples)
+    if undefined > 0.025 * resamples:
+        return point, None, None, len(triples), undefined / resamples
+    shares.sort()  # an undefined draw counts as beyond both ends: the interval widens, never narrows
+    k = max(0, int(0.025 * resamples) - undefined)
+    low, high = shares[k], shares[len(shares) - 1 - k]
+    return point, low, high, len(triples), undefined / resamples
+
+
 def table(runs, label_images, val_sets):
-    """The pilot's lines and the markdown table of one model, from its finished runs."""
+    """The pilot's lines, the markdown table of one model, and each arm's share of the oracle's gain, from
+    its finished runs."""
     by_arm = {}
     for run in runs:
         if finished(run):
@@ -327,9 +378,9 @@ def table(runs, label_images, val_sets):
         pilot = [f"**Pilot, CutMix (area target) − no mixing:** {gain}"
                  f" points of final test top-1 over {len(pairs)} paired seeds (mean ± 95% interval); no mixing "
                  f"ends at a training loss of {mean_std([n['train_loss'] for _, n in pairs], 3)} (label smoothing "
-                 f"0.1 puts its floor near 0.50: memorised).", ""]
-    lines = ["| arm | seeds | final top-1 (%) | − area (paired) | label MAE: area | TL-Align | TransMix | "
-             "TL-Align − area MAE | min/run |", "|---|---|---|---|---|---|---|---|---|"]
+                 f"0.1 puts its floor near 0.50).", ""]
+    lines = ["| arm | seeds | final top-1 (%) | − area (paired) | train target MAE | ghost rate | label MAE: area | "
+             "TL-Align | TransMix | TL-Align − area MAE | min/run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in ARMS:
         stats = by_arm.get(arm)
         if not stats:
@@ -337,12 +388,52 @@ def table(runs, label_images, val_sets):
         pairs = paired(stats, by_arm.get("area", []))
         vs_area = "" if arm == "area" else verdict([s["final"] - a["final"] for s, a in pairs])
         # the same pairs and boxes for every model of an arm: the MAE difference is paired within a run
-        tl_gain = verdict([s["tl"] - s["area"] for s in stats], 4, ("farther", "closer"))
+        tl_gain = verdict([s["tl"] - s["area"] for s in stats if s["tl"] is not None], 4, ("farther", "closer"))
         lines.append(f"| {arm} | {len(stats)} | {mean_std([s['final'] for s in stats])} | {vs_area} | "
+                     f"{mean_std([s['train_mae'] for s in stats], 3)} | {mean_std([s['ghost'] for s in stats], 3)} | "
                      f"{mean_std([s['area'] for s in stats], 4)} | {mean_std([s['tl'] for s in stats], 4)} | "
                      f"{mean_std([s['transmix'] for s in stats], 4)} | {tl_gain} | "
                      f"{statistics.mean(s['wall'] for s in stats) / 60:.1f} |")
-    return pilot + lines
+    shares = []
+    for arm in ARMS:
+        if arm in ("none", "area", "oracle") or not by_arm.get(arm):
+            continue
+        share = share_of_gain(by_arm[arm], by_arm.get("area", []), by_arm.get("oracle", []))
+        if share is None:
+            continue
+        point, low, high, n, undefined = share
+        ci = (f"[{low:+.2f}, {high:+.2f}]" if low is not None else
+              f"unbounded: the oracle's gain is not above 0 in {undefined:.0%} of resamples")
+        shares.append(f"{arm} {point:+.2f}, 95% interval {ci} ({n} seeds)")
+    if shares:
+        lines += ["", "**Share of the oracle's gain**, (arm − area) / (oracle − area) in final top-1, with a 95% "
+                      "bootstrap interval over seeds (10,000 resamples, each seed's runs kept together): "
+                  + "; ".join(shares) + "."]
+    return pilot + lines, by_arm
+
+
+def targets_figure(by_arm, path):
+    """Final top-1 against the training target's error, one point per run, coloured by arm; no mixing,
+    which has no target, as a band (mean ± std)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if by_arm.get("none"):
+        tops = [s["final"] for s in by_arm["none"]]
+        m, sd = statistics.mean(tops), statistics.stdev(tops) if len(tops) > 1 else 0.0
+        ax.axhspan(m - sd, m + sd, color="0.85", label="none (no mixing, no target): mean ± std")
+        ax.axhline(m, color="0.5", lw=1)
+    for arm, stats in by_arm.items():
+        points = [(s["train_mae"], s["final"]) for s in stats if s["train_mae"] is not None]
+        if points:
+            ax.scatter(*zip(*points), label=arm, s=22, alpha=0.8, color=f"C{list(ARMS).index(arm)}")
+    ax.set_xlabel("training target's mean |share of image 1 − visible share|")
+    ax.set_ylabel("final test top-1 (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
 
 
 def invocations(args, runs):
@@ -384,14 +475,6 @@ def eval_epochs(runs):
             evaluated = {r["epoch"] + 1 for r in records(run) if r.get("val_top1") is not None}
             common = evaluated if common is None else common & evaluated
     return sorted(common or [])
-
-
-def training_errors(run):
-    """(mean training-target MAE, mean ghost rate) over a run's epochs, None where it logged none."""
-    logs = records(run)
-    mae = [r["train_target_mae"] for r in logs if r.get("train_target_mae") is not None]
-    ghost = [r["train_ghost_rate"] for r in logs if r.get("train_ghost_rate") is not None]
-    return (statistics.mean(mae) if mae else None), (statistics.mean(ghost) if ghost else None)
 
 
 def calibration_table(runs, args):
@@ -457,8 +540,9 @@ def command_template(runs, args):
             "; ".join(f"{arm}: `{shlex.join(flags)}`" for arm, flags in arms.items()) + ".")
 
 
-def section(runs, args):
-    """The lines of results.md for one plan of runs: a calibration (held-out data) or a matrix (test set)."""
+def section(runs, args, figure_dir=None):
+    """The lines of results.md for one plan of runs: a calibration (held-out data) or a matrix (test set),
+    whose figure goes to figure_dir."""
     groups, val_sets = {}, {}
     for run in runs:
         groups.setdefault(run["model"], []).append(run)
@@ -492,19 +576,31 @@ def section(runs, args):
             f"every run, whatever it trained with, with the run's own box (on the patch grid, or on pixels for "
             f"area_pixel and deit: their area MAE differs for that reason). *TL-Align − area MAE* below 0 "
             f"means the aligned label is closer to the truth (mean ± 95% interval over seeds).",
-            "- *min/run*: wall time of one run, with another run sharing the machine (--jobs).", ""]
+            "- *train target MAE*, *ghost rate*: what the run trained on, averaged over its epochs (train.py "
+            "logs them on data with object masks): the mean |share of image 1 − visible share| over the pairs "
+            "where some object shows, and the share of those pairs whose target gives 0.1 or more to an "
+            "image none of whose object shows. Empty for no mixing, which has no mixed target.",
+            "- *min/run*: wall time of one run, on a machine shared with whatever else ran (--jobs, tests).", ""]
     for model, group in groups.items():
-        out += [f"### {model}", "", command_template(group, args), ""]
-        out += table(group, args.label_images, val_sets) + [""]
+        lines, by_arm = table(group, args.label_images, val_sets)
+        out += [f"### {model}", "", command_template(group, args), ""] + lines + [""]
+        if figure_dir and any(s["train_mae"] is not None for stats in by_arm.values() for s in stats):
+            name = f"targets_{regime_name(args)}_{model}.png"
+            os.makedirs(figure_dir, exist_ok=True)
+            targets_figure(by_arm, os.path.join(figure_dir, name))
+            out += [f"![final top-1 against the training target's error, one point per run]"
+                    f"({os.path.basename(figure_dir)}/{name})", ""]
     return out
 
 
 def report(plans, path):
-    """Write results.md (path) from the finished runs of each (runs, args) in plans, one section each."""
+    """Write results.md (path) from the finished runs of each (runs, args) in plans, one section each, and
+    a matrix's figure beside it, in figures/."""
     out = ["# Results: no mixing, CutMix's area target, the oracle target, TransMix and TL-Align side by side",
            "", f"On {platform.machine()} with {os.cpu_count()} CPU threads, torch {torch.__version__}.", ""]
+    figure_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "figures")
     for runs, args in plans:
-        out += section(runs, args)
+        out += section(runs, args, figure_dir)
     with open(path, "w") as f:
         f.write("\n".join(out))
     print(f"wrote {path}")

@@ -20,12 +20,13 @@ def args_for(tmp_path, **kw):
     return argparse.Namespace(**{**base, **kw})
 
 
-def plant(run, finals, mae_tl=0.10, train_loss=0.5):
+def plant(run, finals, mae_tl=0.10, train_loss=0.5, train_mae=None, ghost=None):
     """A finished run's files, as train.py and compare.py leave them (its label errors already measured)."""
     os.makedirs(run["dir"], exist_ok=True)
     with open(os.path.join(run["dir"], "log.jsonl"), "w") as f:
         for epoch, top1 in enumerate(finals):
-            f.write(json.dumps(dict(epoch=epoch, val_top1=top1, train_loss=train_loss)) + "\n")
+            f.write(json.dumps(dict(epoch=epoch, val_top1=top1, train_loss=train_loss, train_target_mae=train_mae,
+                                    train_ghost_rate=ghost)) + "\n")
     compare.write_json(os.path.join(run["dir"], "label_errors_2000.json"),
                        dict(area=0.2, tl=mae_tl, transmix=0.3 if run["model"] == "vit_mini" else None))
     compare.add_wall_time(run, 60.0)
@@ -39,6 +40,12 @@ def test_plan_is_the_whole_matrix_pilot_first(tmp_path):
     vit_runs = [(r["arm"], r["seed"]) for r in runs if r["model"] == "vit_mini"]
     assert vit_runs[:6] == [("none", 0), ("none", 1), ("none", 2), ("area", 0), ("area", 1), ("area", 2)]
     assert vit_runs[6:10] == [("area_pixel", 0), ("deit", 0), ("transmix", 0), ("tl_align", 0)]
+    # more seeds: the pilot over the first three, then whole seeds, every arm of a seed together
+    five = [(r["arm"], r["seed"]) for r in compare.plan(args_for(tmp_path, models=["vit_mini"], seeds=[7, 8, 9, 10, 11],
+                                                                 arms=["none", "area", "tl_align"]))]
+    assert five == [("none", 7), ("none", 8), ("none", 9), ("area", 7), ("area", 8), ("area", 9), ("tl_align", 7),
+                    ("tl_align", 8), ("tl_align", 9), ("none", 10), ("area", 10), ("tl_align", 10), ("none", 11),
+                    ("area", 11), ("tl_align", 11)]
     none = next(r for r in runs if r["arm"] == "none")
     assert "--mix" in none["cmd"] and "--target" not in none["cmd"]
     deit = next(r for r in runs if r["arm"] == "deit")["cmd"]
@@ -109,7 +116,9 @@ def test_report_numbers(tmp_path):
     for run in reversed(runs):  # planted out of order: pairing must go by seed, not by position
         final = finals[run["arm"]][run["seed"]]
         if final is not None:  # area's seed 1 never finished
-            plant(run, [final + 1, final], mae_tl=0.1 + 0.01 * run["seed"])  # the first epoch is higher
+            train_mae = {"none": None, "oracle": 0.0}.get(run["arm"], 0.15 + 0.01 * run["seed"])
+            plant(run, [final + 1, final], mae_tl=0.1 + 0.01 * run["seed"], train_mae=train_mae,  # the first
+                  ghost=None if train_mae is None else train_mae)                             # epoch is higher
     compare.log_invocation(args, runs, 600.0)
     compare.report([(runs, args)], args.results)
     text = open(args.results).read()
@@ -120,10 +129,37 @@ def test_report_numbers(tmp_path):
     assert rows["tl_align"][2] == "+3.50 ± 6.35 (no difference)"
     assert rows["none"][2] == "-10.00 ± 0.00 (lower)"  # 40-50, 44-54
     assert rows["deit"][2] == "-1.00 ± 0.00 (lower)"
-    assert rows["tl_align"][4] == "0.1100 ± 0.0100"  # TL-Align MAE
-    assert rows["tl_align"][6] == "-0.0900 ± 0.0248 (closer)"  # -0.1, -0.09, -0.08: 4.303 * 0.01 / sqrt 3
+    assert rows["tl_align"][3:5] == ["0.160 ± 0.010", "0.160 ± 0.010"]  # training target MAE and ghost rate
+    assert rows["none"][3:5] == ["", ""] and rows["oracle"][3] == "0.000 ± 0.000"
+    assert rows["tl_align"][6] == "0.1100 ± 0.0100"  # TL-Align MAE of the final models
+    assert rows["tl_align"][8] == "-0.0900 ± 0.0248 (closer)"  # -0.1, -0.09, -0.08: 4.303 * 0.01 / sqrt 3
+    # share of the oracle's gain over seeds 0 and 2 (area's seed 1 never finished): tl_align (3 + 4) / (5 + 5);
+    # the bootstrap draws both seeds from {0, 2}: shares 0.6, 0.7, 0.8 with chances 1/4, 1/2, 1/4
+    assert "tl_align +0.70, 95% interval [+0.60, +0.80] (2 seeds)" in text
+    assert "transmix +0.20, 95% interval [+0.20, +0.20] (2 seeds)" in text
+    assert "deit -0.20, 95% interval [-0.20, -0.20]" in text
+    figure = tmp_path / "figures" / "targets_fashion_mnist-e2-n1000_vit_mini.png"
+    assert figure.stat().st_size > 10000 and f"](figures/{figure.name})" in text
     assert "**Pilot, CutMix (area target) − no mixing:** +10.00 ± 0.00 (higher) points" in text
     assert "Wall time of the matrix: 10 min" in text and "--target area --seed S --epochs 2" in text
+
+
+def test_share_of_the_oracles_gain_and_its_bootstrap():
+    stats = lambda finals: [dict(seed=seed, final=f) for seed, f in enumerate(finals)]
+    area = stats([50.0] * 20)
+    oracle = stats([52.0 + (seed % 2) for seed in range(20)])  # gains 2 and 3
+    half = stats([51.0 + 0.5 * (seed % 2) for seed in range(20)])  # 1 and 1.5: exactly half of each
+    point, low, high, n, undefined = compare.share_of_gain(half, area, oracle)
+    assert (round(point, 6), round(low, 6), round(high, 6), n, undefined) == (0.5, 0.5, 0.5, 20, 0.0)
+    noisy = stats([50.0 + (1 if seed % 2 else -0.5) for seed in range(20)])  # 1 / 3 and -0.5 / 2: 0.25 / 2.5
+    point, low, high, _, _ = compare.share_of_gain(noisy, area, oracle)
+    # k odd seeds of 20 drawn give (1.5 k - 10) / (k + 40); k ~ Binomial(20, 1/2) spans 6..14 (95%): -0.02..0.20
+    assert abs(point - 0.1) < 1e-9 and -0.06 < low < 0 and 0.17 < high < 0.24, (low, high)
+    # the oracle barely beats area: many resamples have no gain to share, and the interval is unbounded
+    weak = stats([50.0 + (1 if seed % 2 else -0.9) for seed in range(20)])
+    point, low, high, _, undefined = compare.share_of_gain(half, area, weak)
+    assert low is None and high is None and undefined > 0.025
+    assert compare.share_of_gain(half, area, stats([49.0] * 20)) is None  # no gain at all: no share
 
 
 def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path):
