@@ -74,6 +74,15 @@ def test_the_regime_is_what_train_py_runs():
             ("fashion_mnist_small", 10000, 1000, 100, 25, False)
         assert (args.mix, args.target) == {"none": ("none", "tl_align"), "area": ("cutmix", "area"),
                                            "oracle": ("cutmix", "oracle")}[run["arm"]] and args.seed in range(5)
+    # the matrix: the calibrated regime on the test set, with seeds the calibration never used
+    matrix = compare.study_args(argparse.Namespace(out="results"), "matrix")
+    calibration = compare.study_args(argparse.Namespace(out="results"), "calibration")
+    assert (matrix.data, matrix.subset, matrix.epochs, matrix.train_args) == \
+        (calibration.data, calibration.subset, calibration.epochs, calibration.train_args)
+    assert not set(matrix.seeds) & set(calibration.seeds) and len(matrix.seeds) >= 10
+    for run in compare.plan(matrix):
+        args = train.get_args(run["cmd"][1:])
+        assert (args.data, args.holdout, args.subset, args.epochs) == ("fashion_mnist_small", None, 1000, 100)
 
 
 def test_a_run_cut_short_resumes_and_a_finished_one_is_skipped(tmp_path):
