@@ -401,11 +401,12 @@ def random_crop_flip(images, generator, padding=4, flip=True):
 
 
 def normalize(images, mean, std):
-    """uint8 images (B, C, H, W) -> float32 (B, C, H, W), (x / 255 - mean) / std per channel. Zero padding
-    of the crop becomes -mean / std here, as in the usual pad-crop-ToTensor-Normalize pipeline."""
-    mean = torch.tensor(mean).view(-1, 1, 1)
-    std = torch.tensor(std).view(-1, 1, 1)
-    return (images.float() / 255 - mean) / std
+    """uint8 images (B, C, H, W) -> float32 (B, C, H, W), (x / 255 - mean) / std per channel, on the images'
+    device (mean, std: C numbers, or tensors of C elements). Zero padding of the crop becomes -mean / std
+    here, as in the usual pad-crop-ToTensor-Normalize pipeline."""
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return images.float().div_(255).sub_(mean).div_(std)
 
 
 def derive_seed(*keys: int) -> int:

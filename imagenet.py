@@ -24,7 +24,7 @@ import os
 import numpy as np
 import torch
 
-from data import DATASETS, DataError, derive_seed
+from data import DATASETS, DataError, derive_seed, normalize
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,9 +179,9 @@ def finish(images, boxes, mean, std, generator=None):
     """The device's part of DeiT's transform, on a batch: uint8 (B, C, H, W) -> float32 (x / 255 - mean) /
     std, as ToTensor and Normalize compute it, then each image's erasing box (B, 4) filled with N(0, 1)
     noise (boxes None: no erasing, as for validation), drawn from generator (a torch.Generator on the
-    device, or the global one). mean, std: (1, C, 1, 1) float32 on the device. Fill kernels and
-    comparisons only: nothing waits for the host."""
-    x = images.float().div_(255).sub_(mean).div_(std)
+    device, or the global one). mean, std: float32 tensors of C elements on the device (numbers would be
+    copied to it every batch). Fill kernels and comparisons only: nothing waits for the host."""
+    x = normalize(images, mean, std)
     if boxes is None:
         return x
     H, W = x.shape[-2:]
