@@ -525,9 +525,9 @@ def _sdpa(q, k, v, bias, scale: float):
 class _SdpaCalls(torch.overrides.TorchFunctionMode):
     """Records, for every scaled_dot_product_attention call made inside it, the kernel torch chooses."""
 
-    def __init__(self, head_widths: set):
+    def __init__(self, head_dims: set):
         super().__init__()
-        self.head_widths, self.calls = head_widths, {}  # description -> kernel, in order of appearance
+        self.head_dims, self.calls = head_dims, {}  # the models' head dims; description -> kernel, in order
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -538,7 +538,7 @@ class _SdpaCalls(torch.overrides.TorchFunctionMode):
             # fused_attention's calls: the features alone, the features with the labels riding along
             # (float32), or the labels alone (float32, without gradient, beside a half-precision call)
             role = ("labels" if not q.requires_grad else
-                    "features" if v.shape[-1] in self.head_widths else "features + labels")
+                    "features" if v.shape[-1] in self.head_dims else "features + labels")
             what = (f"{role}: {str(q.dtype).split('.')[-1]}, q/k width {q.shape[-1]}, v width {v.shape[-1]}"
                     f"{', mask' if mask is not None else ''}")
             self.calls[what] = torch.nn.attention.SDPBackend(choice).name.lower()
@@ -550,8 +550,8 @@ def attention_kernels(model: nn.Module, x: torch.Tensor, token_labels: torch.Ten
     (x, token_labels) makes, under the caller's autocast, e.g. {'features: bfloat16, q/k width 64, v width
     64': 'flash_attention', 'labels: float32, q/k width 64, v width 4': 'efficient_attention'}; empty on the
     explicit path. The choice is torch's own (torch._fused_sdp_choice on the call's inputs)."""
-    widths = {m.qkv.out_features // 3 // m.num_heads for m in model.modules() if isinstance(m, Attention)}
-    recorder = _SdpaCalls(widths)
+    head_dims = {m.qkv.out_features // 3 // m.num_heads for m in model.modules() if isinstance(m, Attention)}
+    recorder = _SdpaCalls(head_dims)
     with recorder:  # with gradient, as in training: the label-only calls are the ones without
         model(x, token_labels) if token_labels is not None else model(x)
     return recorder.calls
