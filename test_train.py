@@ -574,3 +574,15 @@ def test_a_fused_run_names_its_attention_kernels():
     assert line == "attention kernels: features + labels: float32, q/k width 18, v width 18 -> flash_attention"
     line = train.kernels_line(model, info, torch.device("cpu"), torch.autocast("cpu", dtype=torch.bfloat16))
     assert "labels: float32" in line and "features: bfloat16" in line and model.training
+
+
+def test_the_resume_line_names_the_launcher_that_ran():
+    argv = ["--epochs", "5", "--resume", "old.pt", "--overwrite"]
+    assert train.resume_command(argv, "r/checkpoint.pt", {}) == \
+        "python train.py --epochs 5 --resume r/checkpoint.pt"
+    one_node = dict(WORLD_SIZE="4", LOCAL_WORLD_SIZE="4")
+    assert train.resume_command(argv, "r/checkpoint.pt", one_node) == \
+        "torchrun --nproc_per_node=4 train.py --epochs 5 --resume r/checkpoint.pt"
+    two_nodes = dict(WORLD_SIZE="16", LOCAL_WORLD_SIZE="8")
+    assert train.resume_command(argv, "r/checkpoint.pt", two_nodes).startswith(
+        "torchrun --nproc_per_node=8 --nnodes=2 <this run's rendezvous flags> train.py --epochs 5 --resume")

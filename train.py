@@ -835,8 +835,15 @@ def run(args):
         dist.barrier()  # no rank tears the process group down while rank 0 still saves and logs
 
 
-def resume_command(argv, saved):
-    """The command that continues this run from its checkpoint: the same flags, --resume in place."""
+def resume_command(argv, saved, env=os.environ):
+    """The command that continues this run from its checkpoint: the same launcher (python, or torchrun with
+    the processes per node; on several nodes the rest of its flags are not known here) and the same flags,
+    --resume in place."""
+    launcher = ["python"]
+    if int(env.get("WORLD_SIZE", 1)) > 1:
+        nodes = int(env["WORLD_SIZE"]) // int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+        launcher = ["torchrun", f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', env['WORLD_SIZE'])}"]
+        launcher += [f"--nnodes={nodes}", "<this run's rendezvous flags>"] if nodes > 1 else []
     kept, skip = [], False
     for a in argv:
         if skip or a == "--overwrite" or a.startswith("--resume="):
@@ -846,7 +853,7 @@ def resume_command(argv, saved):
             skip = True
             continue
         kept.append(a)
-    return shlex.join(["python", "train.py", *kept, "--resume", saved])
+    return " ".join(launcher) + " " + shlex.join(["train.py", *kept, "--resume", saved])
 
 
 def main(argv=None):
