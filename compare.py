@@ -550,11 +550,12 @@ def section(runs, args, figure_dir=None):
     n_done = sum(finished(r) for r in runs)
     subset = "all" if not args.subset else f"the first {args.subset:,}"
     name = getattr(args, "study", None) or ("calibration" if args.holdout else "matrix")
-    commits = sorted({i.get("commit", "unknown") for i in ran})
-    out = [f"## {name.capitalize()}: {args.data}, {subset} training images, {args.epochs} epochs", "",
-           f"{n_done} of {len(runs)} runs finished, seeds {', '.join(map(str, args.seeds))}, code at commit "
-           f"{', '.join(commits) or 'unknown'}. Wall time of the {name}: {sum(i['seconds'] for i in ran) / 60:.0f} "
-           f"min, run by: " + "; ".join(f"`{i['argv']}` ({i['seconds'] / 60:.0f} min)" for i in ran) + ".", "",
+    commits = sorted({i["commit"] for i in ran if "commit" in i}) or ["unknown"]  # the first runs kept none
+    status = (f"{n_done} of {len(runs)} runs finished, seeds {', '.join(map(str, args.seeds))}, code at commit "
+              f"{', '.join(commits)}. Wall time of the {name}: {sum(i['seconds'] for i in ran) / 60:.0f} min, run "
+              f"by: " + "; ".join(f"`{i['argv']}` ({i['seconds'] / 60:.0f} min)" for i in ran) + "." if ran else
+              f"Not started: seeds {', '.join(map(str, args.seeds))}, {len(runs)} runs.")
+    out = [f"## {name.capitalize()}: {args.data}, {subset} training images, {args.epochs} epochs", "", status, "",
            f"The regime: {args.data}, {subset} training images, {args.epochs} epochs, train.py's recipe for the "
            f"data set with `{' '.join(args.train_args)}`. Every arm of a seed starts from the same "
            f"initialisation and sees the same data order.", ""]
