@@ -104,11 +104,20 @@ def test_figures_are_written(tmp_path, capsys, name):
     assert "area" in out and "tl" in out and ("transmix" in out) == (name == "vit_mini")
 
 
+def test_a_compiled_ddp_models_checkpoint_loads(tmp_path):
+    path, model = checkpoint(tmp_path, "vit_mini")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"] = {"_orig_mod.module." + k: v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, tmp_path / "wrapped.pt")
+    loaded, _ = visualize.load(str(tmp_path / "wrapped.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def test_user_errors_end_in_one_line(tmp_path, capsys):
     bad = tmp_path / "torn.pt"
     bad.write_bytes(b"not a checkpoint")
     cifar, _ = checkpoint(tmp_path, "vit_mini", dataset="cifar10")
-    cases = [([str(tmp_path / "missing.pt")], "does not exist"), ([str(bad)], "is not a train.py checkpoint"),
+    cases = [([str(tmp_path / "missing.pt")], "not found"), ([str(bad)], "cannot be read"),
              ([str(cifar)], "has no object masks")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:

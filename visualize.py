@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+import checkpoint
 import data
 import truth
 import vit
@@ -33,17 +34,19 @@ class VisualizeError(Exception):
 
 def load(path):
     """The model of a train.py checkpoint, in eval mode, and its args."""
-    if not os.path.isfile(path):
-        raise VisualizeError(f"checkpoint {path} does not exist; train one with python train.py "
-                             f"(it writes runs/<time>-<data>-<model>/best.pt, linked as runs/latest)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = checkpoint.load_checkpoint(path)
+    except checkpoint.CheckpointError as e:
+        hint = "" if os.path.exists(path) else (" (train one with python train.py: it writes "
+                                                "runs/<time>-<data>-<model>/best.pt, linked as runs/latest)")
+        raise VisualizeError(f"{e}{hint}") from None
+    try:
         args = ckpt["args"]
         info = data.DATASETS[args["data"]]
         model = vit.create_model(args["model"], num_classes=info["num_classes"], img_size=info["img_size"],
                                  in_chans=info["in_chans"])
-        model.load_state_dict(ckpt["model"])
-    except Exception as e:  # a torn file, not a checkpoint, another model: all mean "use another file"
+        model.load_state_dict(checkpoint.unwrap_state_dict(ckpt["model"])[0])
+    except Exception as e:  # not train.py's, another model: both mean "use another file"
         raise VisualizeError(f"{path} is not a train.py checkpoint ({type(e).__name__}); "
                              f"pass the best.pt or checkpoint.pt of a run") from None
     return model.eval(), args
