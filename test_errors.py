@@ -1,5 +1,7 @@
 """What a user can get wrong ends in one line and exit 2 (Ctrl-C: 130), and no run is lost: a reused output
-folder, unreadable images in training and in validation, bad arguments, an interrupted run."""
+folder, unreadable images in training and in validation, bad arguments, an interrupted run. train.main runs
+in the test process as `python train.py` runs it (a process of its own costs ~8 s of imports); the Ctrl-C
+test and test_train's first test run the command line itself."""
 import json
 import os
 import signal
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 import train
-from test_train import FAST, SMALL, run_cli, write_folders
+from test_train import FAST, SMALL, run_main, write_folders
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,30 +29,31 @@ def files_of(folder):
     return {name: (folder / name).read_bytes() for name in ("checkpoint.pt", "best.pt", "log.jsonl")}
 
 
-def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
-    common = ["train.py", "--epochs", "1", *FAST, "--output-dir", str(out)]
-    assert run_cli(*common)[0] == 0
+    common = ["--epochs", "1", *FAST, "--output-dir", str(out)]
+    assert run_main(capsys, *common)[0] == 0
     before = files_of(out)
     # another data set and model into the same folder: refused before anything is written
-    code, _, err = run_cli(*common, "--data", "fashion_mnist", "--mix", "none")
+    code, _, err = run_main(capsys, *common, "--data", "fashion_mnist", "--mix", "none")
     line = one_error_line(err, code)
     assert f"--output-dir {out} holds a run" in line and "--resume" in line and "--overwrite" in line
     assert files_of(out) == before  # byte for byte
-    code, _, err = run_cli("train.py", "--epochs", "2", *FAST, "--output-dir", str(out), "--resume",
-                           str(out / "checkpoint.pt"))  # continuing it is fine
+    code, _, err = run_main(capsys, "--epochs", "2", *FAST, "--output-dir", str(out), "--resume",
+                            str(out / "checkpoint.pt"))  # continuing it is fine
     assert code == 0, err
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0, 1]
-    code, _, err = run_cli(*common, "--overwrite")  # told to: the old run goes
+    code, _, err = run_main(capsys, *common, "--overwrite")  # told to: the old run goes
     assert code == 0, err
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [0]
 
 
-def test_without_output_dir_every_run_gets_a_folder_and_runs_latest_the_newest(tmp_path):
+def test_without_output_dir_every_run_gets_a_folder_and_runs_latest_the_newest(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ is made where the command runs
+
     def run():
-        p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--epochs", "1", *FAST], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr
+        code, _, err = run_main(capsys, "--epochs", "1", *FAST)
+        assert code == 0, err
         return sorted(d for d in os.listdir(tmp_path / "runs") if d != "latest")
 
     first = run()
@@ -62,11 +65,11 @@ def test_without_output_dir_every_run_gets_a_folder_and_runs_latest_the_newest(t
     assert (tmp_path / "runs" / "latest" / "best.pt").is_file()
 
 
-def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_path):
+def test_an_output_dir_that_cannot_be_written_is_refused_before_training(tmp_path, capsys):
     # root ignores permission bits: /proc refuses new files to anyone, and a path under a regular file too
     for out, word in (("/proc", "cannot be written"), (str(tmp_path / "file" / "run"), "cannot be written")):
         (tmp_path / "file").write_text("a regular file")
-        code, out_text, err = run_cli("train.py", "--epochs", "1", *SMALL, "--output-dir", out)
+        code, out_text, err = run_main(capsys, "--epochs", "1", *SMALL, "--output-dir", out)
         assert word in one_error_line(err, code) and "epoch" not in out_text
 
 
@@ -80,9 +83,9 @@ def broken_folders(root, where):
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
-def test_an_unreadable_training_image_is_named_in_one_line(tmp_path, workers):
+def test_an_unreadable_training_image_is_named_in_one_line(tmp_path, capsys, workers):
     broken_folders(tmp_path / "data", "train")
-    code, _, err = run_cli("train.py", "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model",
+    code, _, err = run_main(capsys, "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model",
                            "vit_mini", "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--repeats", "1",
                            "--workers", workers, "--output-dir", str(tmp_path / "run"))
     line = one_error_line(err, code)
@@ -90,19 +93,19 @@ def test_an_unreadable_training_image_is_named_in_one_line(tmp_path, workers):
     assert str(tmp_path / "data" / "train") in line
 
 
-def test_an_unreadable_validation_image_costs_no_training_and_resume_evaluates_first(tmp_path):
+def test_an_unreadable_validation_image_costs_no_training_and_resume_evaluates_first(tmp_path, capsys):
     good = broken_folders(tmp_path / "data", "val")
-    argv = ["train.py", "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model", "vit_mini",
+    argv = ["--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model", "vit_mini",
             "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--repeats", "1", "--workers", "0",
             "--output-dir", str(tmp_path / "run")]
-    code, out, err = run_cli(*argv)
+    code, out, err = run_main(capsys, *argv)
     assert "cannot be read" in one_error_line(err, code)
     saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 0 and saved["pending"]["train_loss"] > 0  # trained, kept, not yet evaluated
     assert not (tmp_path / "run" / "log.jsonl").exists()
     (tmp_path / "data" / "val" / "c0" / "0.JPEG").write_bytes(good)  # the user replaces the files
     (tmp_path / "data" / "val" / "c1" / "0.JPEG").write_bytes(good)
-    code, out, err = run_cli(*argv, "--resume", str(tmp_path / "run" / "checkpoint.pt"))
+    code, out, err = run_main(capsys, *argv, "--resume", str(tmp_path / "run" / "checkpoint.pt"))
     assert code == 0, err
     assert "steps of" in out and "[" not in out.split("steps of")[1].split("\n", 1)[1]  # no training step ran
     records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -137,13 +140,18 @@ def test_bad_arguments_end_in_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "run").exists()  # refused before anything is made
 
 
-def test_one_class_is_refused_and_fp16_on_a_cpu_is_warned(tmp_path, capsys):
+def test_one_class_is_refused_and_fp16_on_a_cpu_is_warned(tmp_path, capsys, monkeypatch):
     write_folders(tmp_path / "one", [2])
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--data", "imagenet", "--data-path", str(tmp_path / "one"), "--output-dir", str(tmp_path / "r")])
     assert "at least 2" in one_error_line(capsys.readouterr().err, exit_info.value.code)
-    train.main(["--epochs", "1", "--subset", "64", "--batch-size", "32", "--amp", "fp16", "--holdout", "64",
-                "--output-dir", str(tmp_path / "fp16")])
+
+    class FirstStep(Exception):  # the warning comes before training, which is what is slow: stop there
+        pass
+
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (_ for _ in ()).throw(FirstStep))
+    with pytest.raises(FirstStep):
+        train.main(["--epochs", "1", *SMALL, "--amp", "fp16", "--output-dir", str(tmp_path / "fp16")])
     assert "warning: --amp fp16 on a CPU runs ~8x slower" in capsys.readouterr().out
 
 

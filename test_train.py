@@ -31,6 +31,19 @@ def run_cli(*args, cwd=HERE):
     return p.returncode, p.stdout, p.stderr
 
 
+def run_main(capsys, *argv):
+    """train.main(argv) in this process, as `python train.py ARGV` runs it but without the ~8 s of imports a
+    process of its own costs; returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        train.main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
