@@ -217,7 +217,6 @@ def _load_idx(title, path, train):
     return images, labels.astype(np.int64)
 
 
-
 # Small garments on clutter: Fashion-MNIST's garments scaled down to a side of SMALL_SIDE px and pasted at a
 # random place of a 32 px textured background, their ink mask (MASK_THRESHOLD) kept exact. CutMix's lam counts
 # pixels; here most pixels are background, so a box often takes all or none of an object and lam is far from
@@ -258,6 +257,7 @@ def small_garments(garments, seed=0, train=True):
         chunks.append(_small_garments_chunk(rng, garments[k * _CHUNK:(k + 1) * _CHUNK]))
     images, masks = (np.concatenate(a)[:n] for a in zip(*chunks))
     return images, masks
+
 
 CIFAR_FILES = {  # name: (title, folder, train files, test files, label key, the files in words)
     'cifar10': ('CIFAR-10', 'cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch'],
