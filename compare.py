@@ -330,6 +330,17 @@ def summarize(run, label_images, val_sets):
                 train_mae=train_mae, ghost=ghost, **label_errors(run, label_images, val_sets))
 
 
+def seed_list(stats):
+    """The seeds of a row: 'n: a-b, c' (runs of consecutive seeds joined)."""
+    seeds, spans = sorted(s["seed"] for s in stats), []
+    for seed in seeds:
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return f"{len(seeds)}: " + ", ".join(str(a) if a == b else f"{a}–{b}" for a, b in spans)
+
+
 def paired(stats, base):
     """(arm, base) summaries of the seeds both have."""
     base = {s["seed"]: s for s in base}
@@ -389,7 +400,7 @@ def table(runs, label_images, val_sets):
         vs_area = "" if arm == "area" else verdict([s["final"] - a["final"] for s, a in pairs])
         # the same pairs and boxes for every model of an arm: the MAE difference is paired within a run
         tl_gain = verdict([s["tl"] - s["area"] for s in stats if s["tl"] is not None], 4, ("farther", "closer"))
-        lines.append(f"| {arm} | {len(stats)} | {mean_std([s['final'] for s in stats])} | {vs_area} | "
+        lines.append(f"| {arm} | {seed_list(stats)} | {mean_std([s['final'] for s in stats])} | {vs_area} | "
                      f"{mean_std([s['train_mae'] for s in stats], 3)} | {mean_std([s['ghost'] for s in stats], 3)} | "
                      f"{mean_std([s['area'] for s in stats], 4)} | {mean_std([s['tl'] for s in stats], 4)} | "
                      f"{mean_std([s['transmix'] for s in stats], 4)} | {tl_gain} | "
@@ -496,7 +507,7 @@ def calibration_table(runs, args):
     for arm in ARMS:
         stats = by_arm.get(arm)
         if stats:
-            lines.append(f"| {arm} | {len(stats)} | " + " | ".join(mean_std([s['top1'][e] for s in stats])
+            lines.append(f"| {arm} | {seed_list(stats)} | " + " | ".join(mean_std([s['top1'][e] for s in stats])
                                                                  for e in epochs) +
                          f" | {mean_std([s['mae'] for s in stats], 3)} | {mean_std([s['ghost'] for s in stats], 3)}"
                          f" | {statistics.mean(s['wall'] for s in stats) / 60:.1f} |")

@@ -133,7 +133,7 @@ def test_report_numbers(tmp_path):
     text = open(args.results).read()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| ") and "---" not in line}
-    assert rows["area"][:2] == ["2", "52.00 ± 2.83"]  # the final epoch, never the best one
+    assert rows["area"][:2] == ["2: 0, 2", "52.00 ± 2.83"]  # the final epoch, never the best one
     # paired over seeds 0 and 2: tl_align - area = 3, 4; mean 3.5, 95% half-width 12.706 * 0.707 / sqrt 2
     assert rows["tl_align"][2] == "+3.50 ± 6.35 (no difference)"
     assert rows["none"][2] == "-10.00 ± 0.00 (lower)"  # 40-50, 44-54
@@ -179,7 +179,7 @@ def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path):
     first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     text = (tmp_path / "results.md").read_text()
-    assert "| none | 1 |" in text and "| tl_align | 1 |" in text
+    assert "| none | 1: 0 |" in text and "| tl_align | 1: 0 |" in text
     second = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and "2 already finished, 0 to run" in second.stdout
 
@@ -229,8 +229,8 @@ def test_calibration_report_reads_every_evaluated_epoch_and_says_whether_the_reg
     lines = compare.calibration_table(runs, args)
     text = "\n".join(lines)
     assert "| arm | seeds | epoch 2 | epoch 4 |" in text
-    assert "| none | 3 | 20.50 ± 0.50 | 40.50 ± 0.50 |  |  | 1.0 |" in text  # no CutMix pairs: no target error
-    assert "| area | 3 | 24.50 ± 0.50 | 45.50 ± 0.50 | 0.200 ± 0.000 | 0.250 ± 0.000 | 1.0 |" in text
+    assert "| none | 3: 0–2 | 20.50 ± 0.50 | 40.50 ± 0.50 |  |  | 1.0 |" in text  # no CutMix pairs: no target error
+    assert "| area | 3: 0–2 | 24.50 ± 0.50 | 45.50 ± 0.50 | 0.200 ± 0.000 | 0.250 ± 0.000 | 1.0 |" in text
     assert "| area − none (3 seeds) | +4.00 ± 0.00 (higher) | +5.00 ± 0.00 (higher) |" in text
     # oracle − area: 0, 0.5, 1 at epoch 2 (mean 0.5, interval 4.303 * 0.5 / sqrt 3 = 1.24: holds 0); 5, 5.5, 6
     assert "| oracle − area (3 seeds) | +0.50 ± 1.24 (no difference) | +5.50 ± 1.24 (higher) |" in text
