@@ -457,7 +457,7 @@ def log_invocation(args, runs, seconds):
     path = os.path.join(args.out, "invocations.json")
     os.makedirs(args.out, exist_ok=True)
     entries = read_json(path, [])
-    argv = sys.argv[1:]
+    argv = args.argv
     if "--results" in argv:  # where the report went, a path of that machine: not part of what ran
         i = argv.index("--results")
         argv = argv[:i] + argv[i + 2:]
@@ -622,7 +622,8 @@ def interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main():
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=REGIME["data"], choices=[n for n in data.DATASETS if n != "imagenet"])
     p.add_argument("--models", nargs="+", default=MODELS[:1], choices=MODELS)
@@ -646,7 +647,8 @@ def main():
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: train.py flags for every run, replacing the regime's "
                         f"({' '.join(REGIME['flags'])}), e.g. -- --batch-size 256 --device cuda")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    args.argv = argv  # as invoked, for invocations.json
     args.train_args = [a for a in args.train_args if a != "--"] or REGIME["flags"]
     if args.jobs < 1 or args.epochs < 1 or args.subset < 0 or args.holdout < 0 or args.label_images < 8:
         p.error("--jobs and --epochs must be at least 1, --subset and --holdout at least 0, --label-images at "
@@ -667,7 +669,7 @@ def main():
     failed = []
     for runs, run_args in ([] if args.report else chosen):
         # a kill ends like Ctrl-C: the runs in flight are stopped and their time kept
-        signal.signal(signal.SIGTERM, interrupt)
+        previous = signal.signal(signal.SIGTERM, interrupt)
         t0 = time.time()
         try:
             failed = execute(runs, run_args)
@@ -676,6 +678,7 @@ def main():
             sys.exit(130)
         finally:
             log_invocation(run_args, runs, time.time() - t0)
+            signal.signal(signal.SIGTERM, previous)
         if failed:
             break
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def args_for(tmp_path, **kw):
     base = dict(data="fashion_mnist", models=["vit_mini", "swin_mini"], arms=list(compare.ARMS), seeds=[0, 1, 2],
                 epochs=100, subset=1000, holdout=0, jobs=1, label_images=2000, out=str(tmp_path / "runs"),
-                results=str(tmp_path / "results.md"), report=True, train_args=compare.REGIME["flags"])
+                results=str(tmp_path / "results.md"), report=True, train_args=compare.REGIME["flags"], argv=[])
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -171,17 +171,20 @@ def test_share_of_the_oracles_gain_and_its_bootstrap():
     assert compare.share_of_gain(half, area, stats([49.0] * 20)) is None  # no gain at all: no share
 
 
-def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path):
-    cmd = [sys.executable, "compare.py", "--data", "synthetic", "--models", "vit_mini", "--arms", "none",
-           "tl_align", "--seeds", "0", "--epochs", "1", "--subset", "128", "--label-images", "64",
-           "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--", "--batch-size", "64",
-           "--no-augment"]
-    first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert first.returncode == 0, first.stderr
+def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path, capsys):
+    """compare.main in this process (its runs are train.py processes), twice: the second has nothing to do."""
+    argv = ["--data", "synthetic", "--models", "vit_mini", "--arms", "none", "tl_align", "--seeds", "0", "--epochs",
+            "1", "--subset", "128", "--label-images", "64", "--out", str(tmp_path / "runs"), "--results",
+            str(tmp_path / "results.md"), "--", "--batch-size", "64", "--no-augment"]
+    compare.main(argv)
     text = (tmp_path / "results.md").read_text()
     assert "| none | 1: 0 |" in text and "| tl_align | 1: 0 |" in text
-    second = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0 and "2 already finished, 0 to run" in second.stdout
+    capsys.readouterr()
+    compare.main(argv)
+    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    assert compare.signal.getsignal(compare.signal.SIGTERM) is not compare.interrupt  # put back as it was
+    assert [i["argv"].split()[-1] for i in compare.read_json(tmp_path / "runs" / "invocations.json", [])] == \
+        ["--no-augment"] * 2 and "--results" not in open(tmp_path / "runs" / "invocations.json").read()
 
 
 def test_user_errors_end_in_one_line(tmp_path):
