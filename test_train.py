@@ -48,7 +48,7 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
-def test_default_run_one_short_epoch(tmp_path):
+def test_default_run_one_short_epoch(tmp_path, capsys):
     code, out, err = run_cli("train.py", "--epochs", "1", *FAST, "--output-dir", str(tmp_path))
     assert code == 0, err
     assert "val top-1" in out and "done: best val top-1" in out
@@ -61,7 +61,7 @@ def test_default_run_one_short_epoch(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # loads without running code
     assert ckpt["epoch"] == 0 and ckpt["args"]["model"] == "vit_mini"
     assert torch.load(tmp_path / "best.pt", weights_only=True)["val_top1"] == record["val_top1"]
-    code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "best.pt"), *FAST)  # the same 64
+    code, out, err = run_main(capsys, "--eval", "--resume", str(tmp_path / "best.pt"), *FAST)  # the same 64
     assert code == 0 and f"top-1 {record['val_top1']:.2f}%" in out, err
 
 
@@ -192,7 +192,7 @@ def test_label_truth_is_the_area_when_everything_is_foreground():
     assert mae["area"] > 0.05
 
 
-def test_two_process_gloo_run(tmp_path):
+def test_two_process_gloo_run(tmp_path, capsys):
     code, out, err = run_cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
                              "--epochs", "1", "--subset", "256", "--batch-size", "32", "--output-dir", str(tmp_path))
     assert code == 0, err[-3000:]
@@ -201,7 +201,7 @@ def test_two_process_gloo_run(tmp_path):
     assert out.count("weights agree on all 2 ranks") == 1
     record = json.loads((tmp_path / "log.jsonl").read_text())
     # validation gathered across ranks: the same accuracy as one process evaluating the whole set
-    code, out, err = run_cli("train.py", "--eval", "--resume", str(tmp_path / "checkpoint.pt"))
+    code, out, err = run_main(capsys, "--eval", "--resume", str(tmp_path / "checkpoint.pt"))
     assert code == 0 and f"top-1 {record['val_top1']:.2f}%" in out, (out, err)
 
 
@@ -502,11 +502,11 @@ def test_imagenet_subset_is_class_balanced_and_the_sampler_repeats(tmp_path):
         train.build_data(train.get_args(argv + ["--subset", "3"]), 0, CPU)
 
 
-def test_imagenet_run_on_a_tiny_folder(tmp_path):
+def test_imagenet_run_on_a_tiny_folder(tmp_path, capsys):
     write_folders(tmp_path / "data", [3, 3])
-    code, out, err = run_cli("train.py", "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model",
-                             "vit_mini", "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--workers", "1",
-                             "--subset", "4", "--output-dir", str(tmp_path / "run"))
+    code, out, err = run_main(capsys, "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model",
+                              "vit_mini", "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--workers", "1",
+                              "--subset", "4", "--output-dir", str(tmp_path / "run"))
     assert code == 0, err
     assert "2 steps of 2 x 1" in out and "3 repeats" in out and "done: best val top-1" in out
 
