@@ -151,3 +151,18 @@ def test_each_snippet_runs_with_only_its_files_copied(tmp_path, case):
     p = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**env, "HF_HUB_OFFLINE": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_the_evidence_quotes_results_md():
+    """Every interval the README's and REFERENCE.md's evidence quote ('+2.72 points (95% interval ±1.82)',
+    '+1.49 ± 1.41') is a paired difference results.md reports, so that the text follows the records."""
+    results = (HERE / "results.md").read_text()
+    reported = set(re.findall(r"([+-]\d+\.\d\d) ± (\d+\.\d\d)", results))
+    evidence = README[README.index("## Evidence"):README.index("## Training")]
+    evidence += REFERENCE[REFERENCE.index("## Evidence"):]
+    evidence = evidence.replace("−", "-")
+    quoted = set(re.findall(r"([+-]\d+\.\d\d) points \(95% interval ±(\d+\.\d\d)\)", evidence))
+    quoted |= set(re.findall(r"([+-]\d+\.\d\d) \(±(\d+\.\d\d)\)", evidence))
+    quoted |= set(re.findall(r"\*\*([+-]\d+\.\d\d) ± (\d+\.\d\d)\*\*", evidence))
+    assert len(quoted) >= 2, "the evidence quotes no interval"
+    assert quoted <= reported, f"quoted but not in results.md: {sorted(quoted - reported)}"
