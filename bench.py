@@ -667,7 +667,7 @@ def gpu_check(args, device):
         sys.exit(f"error: {len(configs) - len(rows)} of {len(configs)} configurations failed (their rows above)")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", choices=list(vit.PRESETS), help=f"default: {' '.join(DEFAULT_MODELS)}, "
                    "or none if --timm is given")
@@ -708,7 +708,7 @@ def main():
     p.add_argument("--steps", type=int, help="timed training steps of each --gpu-check configuration")
     p.add_argument("--compiled", choices=["all", "one", "none"], help="--gpu-check configurations also run "
                    "compiled: all, one (the first model's fused attention) or none")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if "plain" not in args.modes:
         p.error("--modes must include plain, the reference of every ratio")
     if args.probe_memory:

@@ -1,7 +1,7 @@
-"""bench.py runs end to end on tiny settings and reports every mode (no timing is asserted)."""
+"""bench.py runs end to end on tiny settings and reports every mode (no timing is asserted); bench.main in
+the test process, as `python bench.py` runs it."""
 import json
 import os
-import subprocess
 import sys
 from contextlib import nullcontext
 
@@ -11,15 +11,27 @@ import torch
 import bench
 import tl_align as tl
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_bench_reports_every_mode_for_both_attention_paths():
-    cmd = [sys.executable, "bench.py", "--model", "vit_mini", "swin_mini", "--batch-size", "2", "--reps", "1",
+def run_bench(capsys, *argv):
+    """bench.main(argv) in this process, as `python bench.py ARGV` runs it but without a process's imports;
+    returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        bench.main(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_reports_every_mode_for_both_attention_paths(capsys):
+    cmd = ["--model", "vit_mini", "swin_mini", "--batch-size", "2", "--reps", "1",
            "--warmup", "0", "--num-classes", "10", "--no-memory"]
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    rows = [line.split() for line in p.stdout.splitlines()]
+    code, out, err = run_bench(capsys, *cmd)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
     modes = {(r[0], r[1], r[2]) for r in rows if len(r) >= 3}
     for attn in ("explicit", "fused"):
         for mode in ("plain", "tl_k2", "tl_kC", "transmix", "inference"):
@@ -27,7 +39,7 @@ def test_bench_reports_every_mode_for_both_attention_paths():
         assert ("swin_mini", attn, "transmix") not in modes  # TransMix needs a class token
     plain = [r for r in rows if r[:3] == ["vit_mini", "explicit", "plain"]][0]
     assert float(plain[5]) == 1.0 and float(plain[3]) > 0  # its own reference; a measured time
-    assert p.stdout.splitlines()[-1].startswith("summary: vit_mini explicit: K=2 ")
+    assert out.splitlines()[-1].startswith("summary: vit_mini explicit: K=2 ")
 
 
 def test_median_interval_is_the_sign_test_one():
@@ -36,61 +48,59 @@ def test_median_interval_is_the_sign_test_one():
     assert bench.median_with_ci([1.0, 3.0]) == (2.0, 1.0, 3.0)  # few values: the range
 
 
-def test_setting_probe_times_a_tl_align_step():
+def test_setting_probe_times_a_tl_align_step(capsys):
     """The process behind --settings (without compile, which would take a minute): first and median step."""
-    cmd = [sys.executable, "bench.py", "--probe-setting", "vit_mini", "--amp", "bf16", "--batch-size", "4",
+    cmd = ["--probe-setting", "vit_mini", "--amp", "bf16", "--batch-size", "4",
            "--reps", "2", "--num-classes", "10"]
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    times = json.loads(p.stdout.strip().splitlines()[-1])
+    code, out, err = run_bench(capsys, *cmd)
+    assert code == 0, err
+    times = json.loads(out.strip().splitlines()[-1])
     assert times.keys() == {"first", "step"} and times["first"] > 0 and times["step"] > 0
 
 
-def test_bench_times_a_timm_model_with_and_without_tracking():
+def test_bench_times_a_timm_model_with_and_without_tracking(capsys):
     # timm's own tiny test_vit (160 px, 6 blocks of width 64)
-    cmd = [sys.executable, "bench.py", "--timm", "test_vit", "--fused", "on", "--batch-size", "2",
+    cmd = ["--timm", "test_vit", "--fused", "on", "--batch-size", "2",
            "--reps", "1", "--warmup", "0", "--no-memory"]
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    rows = [line.split() for line in p.stdout.splitlines()]
+    code, out, err = run_bench(capsys, *cmd)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()]
     assert [r[2] for r in rows if r[:2] == ["test_vit", "fused"]] == ["plain", "track", "inference"]
     track = [r for r in rows if r[2] == "track"][0]
     plain = [r for r in rows if r[2] == "plain"][0]
     assert float(track[3]) > 0 and track[10] == plain[10]  # a measured time; autograd saves nothing more (MB)
-    assert p.stdout.splitlines()[-1].startswith("summary: test_vit fused: track ")
+    assert out.splitlines()[-1].startswith("summary: test_vit fused: track ")
 
 
-def test_loader_bench_times_the_imagenet_pipeline_on_written_jpegs(tmp_path):
+def test_loader_bench_times_the_imagenet_pipeline_on_written_jpegs(tmp_path, capsys):
     folder = str(tmp_path / "jpegs")
-    p = subprocess.run([sys.executable, "bench.py", "--make-jpegs", folder, "--images", "8"], cwd=HERE,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    kb, width, height = (float(p.stdout.split()[i]) for i in (-2, -6, -4))  # "... mean W x H px, S KB"
+    code, out, err = run_bench(capsys, "--make-jpegs", folder, "--images", "8")
+    assert code == 0, err
+    kb, width, height = (float(out.split()[i]) for i in (-2, -6, -4))  # "... mean W x H px, S KB"
     assert 20 < kb < 400 and 250 <= min(width, height) and max(width, height) <= 500
     assert len(os.listdir(tmp_path / "jpegs" / "train")) == 4 and len(os.listdir(tmp_path / "jpegs" / "val")) == 4
-    cmd = [sys.executable, "bench.py", "--loader", folder, "--workers", "1", "2", "--batch-size", "4", "--warmup", "1",
+    cmd = ["--loader", folder, "--workers", "1", "2", "--batch-size", "4", "--warmup", "1",
            "--reps", "2"]
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    rows = [line.split() for line in p.stdout.splitlines()[2:]]
+    code, out, err = run_bench(capsys, *cmd)
+    assert code == 0, err
+    rows = [line.split() for line in out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["1", "2"]
     for workers, rate, per_worker, per_cpu_second, mb in rows:
         assert float(rate) > 0 and abs(float(per_worker) * int(workers) - float(rate)) < 0.2
         assert float(per_cpu_second) > 0
         assert abs(float(mb) - 4 * 3 * 224 * 224 / 2**20) < 0.01  # uint8 images; classes and boxes are bytes
-    p = subprocess.run([sys.executable, "bench.py", "--loader", str(tmp_path / "nowhere")], cwd=HERE,
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 2 and p.stderr.startswith("error: ImageNet not found") and p.stdout == ""
+    code, out, err = run_bench(capsys, "--loader", str(tmp_path / "nowhere"))
+    assert code == 2 and err.startswith("error: ImageNet not found") and out == ""
 
 
-def test_gpu_check_dry_run_prints_every_figure():
+def test_gpu_check_dry_run_prints_every_figure(capsys):
     """--gpu-check on the CPU, tiny models in bf16, vit_mini's fused path compiled: every configuration's figures,
     the kernel of each kind of fused call, and each SDPA backend's status for a masked and an unmasked model."""
-    cmd = [sys.executable, "bench.py", "--gpu-check", "--device", "cpu", "--model", "vit_mini", "swin_mini",
+    cmd = ["--gpu-check", "--device", "cpu", "--model", "vit_mini", "swin_mini",
            "--batch-size", "2", "--steps", "2", "--amp", "bf16", "--num-classes", "10"]
-    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    head, kernels, backends, total = p.stdout.strip().split("\n\n")
+    code, out, err = run_bench(capsys, *cmd)
+    assert code == 0, err
+    head, kernels, backends, total = out.strip().split("\n\n")
     head = head.splitlines()
     assert head[0].startswith("gpu-check: cpu, ") and "torch 2." in head[0] and "amp bf16" in head[1]
     assert head[2].split() == ["model", "attn", "compile", "first", "s", "img/s", "peak", "MB", "syncs/step",
