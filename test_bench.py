@@ -12,7 +12,6 @@ import bench
 import tl_align as tl
 
 
-
 def run_bench(capsys, *argv):
     """bench.main(argv) in this process, as `python bench.py ARGV` runs it but without a process's imports;
     returns (exit code, stdout, stderr)."""
