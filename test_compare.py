@@ -3,14 +3,10 @@ import argparse
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
 import compare
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def args_for(tmp_path, **kw):
@@ -187,17 +183,23 @@ def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path, capsys):
         ["--no-augment"] * 2 and "--results" not in open(tmp_path / "runs" / "invocations.json").read()
 
 
-def test_user_errors_end_in_one_line(tmp_path):
-    common = [sys.executable, "compare.py", "--models", "vit_mini", "--arms", "area", "--seeds", "0", "1",
-              "--jobs", "1", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--"]
-    p = subprocess.run(common + ["--data-path", str(tmp_path / "nowhere")], cwd=HERE, capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "1 run(s) failed" in p.stderr and "nowhere" in p.stderr  # train.py's own line
+def test_user_errors_end_in_one_line(tmp_path, capsys):
+    common = ["--models", "vit_mini", "--arms", "area", "--seeds", "0", "1", "--jobs", "1", "--out",
+              str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--"]
+
+    def run(*argv):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            compare.main([*common, *argv])
+        return exit_.value.code, capsys.readouterr().err
+
+    code, err = run("--data-path", str(tmp_path / "nowhere"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "1 run(s) failed" in err and "nowhere" in err  # train.py's own line
     started = [d for d, _, files in os.walk(tmp_path / "runs") if "train.out" in files]
     assert len(started) == 1 and started[0].endswith("seed0")  # after the failure, seed 1 never started
-    p = subprocess.run(common + ["--seed", "3"], cwd=HERE, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 2 and "--seed is set by compare.py itself" in p.stderr
+    code, err = run("--seed", "3")
+    assert code == 2 and "--seed is set by compare.py itself" in err
 
 
 def test_a_short_run_of_the_regime(tmp_path):
