@@ -524,8 +524,8 @@ def calibration_table(runs, args):
             continue
         diffs = {e: [a["top1"][e] - b["top1"][e] for a, b in pairs] for e in epochs}
         counts &= {e for e in epochs if len(pairs) > 1 and verdict(diffs[e]).endswith("(higher)")}
-        lines.append(f"| {arm} − {base} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) | " + " | ".join(verdict(diffs[e]) for e in epochs)
-                     + " |")
+        lines.append(f"| {arm} − {base} ({len(pairs)} seed{'s' * (len(pairs) > 1)}) | "
+                     + " | ".join(verdict(diffs[e]) for e in epochs) + " |")
     if not decided:
         verdict_line = (f"**Not decided yet** ({n_done} of {len(runs)} runs finished): the regime counts if CutMix "
                         "beats no mixing and the oracle beats area, both with a 95% interval above 0, once every "

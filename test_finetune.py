@@ -24,6 +24,7 @@ from timm.models.swin_transformer import SwinTransformer as TimmSwin
 import checkpoint
 import train
 import vit
+from test_train import run_main
 
 SMALL = ["--subset", "256", "--batch-size", "64", "--log-every", "1000"]
 ONE_STEP = ["--subset", "32", "--batch-size", "32", "--log-every", "1000"]  # an epoch of one step
@@ -56,17 +57,6 @@ def resize_grid(grid: torch.Tensor, n: int) -> torch.Tensor:
     """(g, g, C) -> (n, n, C): the separable 2-d resize of every channel, M G M^T."""
     M = cubic_matrix(grid.shape[0], n)
     return torch.einsum("ij,jkc,lk->ilc", M, grid.double(), M).float()
-
-
-def run_main(argv, capsys):
-    """train.main in this process; returns (exit code, stdout, stderr)."""
-    try:
-        train.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ----------------------------------------------------------------------------- formats
@@ -111,7 +101,7 @@ def test_loading_never_runs_code_from_the_file(tmp_path, capsys):
             return open, (str(marker), "w")
 
     torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pth")
-    code, _, err = run_main(["--finetune", str(tmp_path / "evil.pth"), *SMALL, "--output-dir", str(tmp_path)], capsys)
+    code, _, err = run_main(capsys, "--finetune", str(tmp_path / "evil.pth"), *SMALL, "--output-dir", str(tmp_path))
     assert code == 2 and "cannot be read" in err and not marker.exists()
 
 
@@ -120,8 +110,8 @@ def test_safetensors_without_the_package_is_one_line(tmp_path, monkeypatch, caps
     save_file(model.state_dict(), tmp_path / "model.safetensors")
     monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed: the import fails
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
-    code, _, err = run_main(["--finetune", str(tmp_path / "model.safetensors"), *SMALL, "--epochs", "1",
-                             "--output-dir", str(tmp_path / "run")], capsys)
+    code, _, err = run_main(capsys, "--finetune", str(tmp_path / "model.safetensors"), *SMALL, "--epochs", "1",
+                            "--output-dir", str(tmp_path / "run"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert "needs the safetensors package" in err
 
@@ -324,7 +314,7 @@ def test_unusable_files_raise_checkpoint_error_and_checkpoint_py_stands_alone(tm
 def test_errors_exit_2_with_one_line(tmp_path, capsys, checkpoints, case):
     args, message = ERRORS[case]
     args, message = [a.replace("{tmp}", str(checkpoints)) for a in args], message.replace("{tmp}", str(checkpoints))
-    code, _, err = run_main([*SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args], capsys)
+    code, _, err = run_main(capsys, *SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args)
     assert code == 2, err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert message in err, err
@@ -358,8 +348,8 @@ def test_wrapped_models_weights_are_unwrapped_for_eval_finetune_and_resume(tmp_p
 
     monkeypatch.setattr(train, "evaluate", evaluate)
     for flag in ("--finetune", "--resume"):
-        code, out, err = run_main(["--eval", flag, str(tmp_path / "wrapped.pt"), *ONE_STEP,
-                                   "--output-dir", str(tmp_path / "run")], capsys)
+        code, out, err = run_main(capsys, "--eval", flag, str(tmp_path / "wrapped.pt"), *ONE_STEP,
+                                  "--output-dir", str(tmp_path / "run"))
         assert code == 0, err
         assert f"{flag[2:]}: stripped {prefix!r} from every key (a model wrapped by {wrappers})" in out
     expected = inner.state_dict()
@@ -387,13 +377,13 @@ def test_a_run_resumes_exactly_from_a_compiled_ddp_models_checkpoint(tmp_path, c
 
     monkeypatch.setattr(train.data, "load_small", small_val)
     first = tmp_path / "first"
-    assert run_main(["--epochs", "1", *ONE_STEP, "--output-dir", str(first)], capsys)[0] == 0
+    assert run_main(capsys, "--epochs", "1", *ONE_STEP, "--output-dir", str(first))[0] == 0
     ckpt = torch.load(first / "checkpoint.pt", weights_only=True)
     ckpt["model"] = {"_orig_mod.module." + k: v for k, v in ckpt["model"].items()}
     torch.save(ckpt, tmp_path / "wrapped.pt")
     for name, path in (("plain", first / "checkpoint.pt"), ("wrapped", tmp_path / "wrapped.pt")):
-        code, out, err = run_main(["--epochs", "2", *ONE_STEP, "--resume", str(path),
-                                   "--output-dir", str(tmp_path / name)], capsys)
+        code, out, err = run_main(capsys, "--epochs", "2", *ONE_STEP, "--resume", str(path),
+                                  "--output-dir", str(tmp_path / name))
         assert code == 0, err
     assert "resume: stripped '_orig_mod.module.' from every key (a model wrapped by torch.compile around DDP / " \
            "DataParallel)" in out
@@ -414,9 +404,9 @@ def test_finetune_run_starts_from_the_adapted_weights(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(train.data, "load_small", small_val)
     pre, ft = tmp_path / "pre", tmp_path / "ft"
-    assert run_main(["--epochs", "1", *SMALL, "--output-dir", str(pre)], capsys)[0] == 0
-    code, out, err = run_main(["--data", "fashion_mnist", "--finetune", str(pre / "best.pt"), "--epochs", "1",
-                               *SMALL, "--lr", "1e-12", "--output-dir", str(ft)], capsys)
+    assert run_main(capsys, "--epochs", "1", *SMALL, "--output-dir", str(pre))[0] == 0
+    code, out, err = run_main(capsys, "--data", "fashion_mnist", "--finetune", str(pre / "best.pt"), "--epochs", "1",
+                              *SMALL, "--lr", "1e-12", "--output-dir", str(ft))
     assert code == 0, err
     assert "finetune: patch_embed.proj.weight adapted from 3 to 1 input channels (summed)" in out
     assert "finetune: classifier kept" in out  # 10 shapes -> 10 garments: the same count
@@ -427,7 +417,7 @@ def test_finetune_run_starts_from_the_adapted_weights(tmp_path, capsys, monkeypa
     assert all(torch.allclose(after[k], before[k], atol=1e-6) for k in before if k != "patch_embed.proj.weight")
     # --eval takes the same file and gives the run's own number
     top1 = json.loads((ft / "log.jsonl").read_text())["val_top1"]
-    code, out, err = run_main(["--data", "fashion_mnist", "--eval", "--finetune", str(ft / "best.pt")], capsys)
+    code, out, err = run_main(capsys, "--data", "fashion_mnist", "--eval", "--finetune", str(ft / "best.pt"))
     assert code == 0 and f"top-1 {top1:.2f}%" in out, err
 
 
@@ -442,9 +432,9 @@ def test_finetune_on_image_folders_at_another_size(tmp_path, capsys):
                 Image.fromarray(pixels).save(tmp_path / "folders" / split / c / f"{i}.png")
     pre = tmp_path / "pre"
     torch.save({"model": vit.create_model("vit_mini", num_classes=10).state_dict()}, tmp_path / "pre.pth")
-    code, out, err = run_main(["--data", "imagenet", "--data-path", str(tmp_path / "folders"), "--model", "vit_mini",
-                               "--img-size", "48", "--finetune", str(tmp_path / "pre.pth"), "--epochs", "1",
-                               "--batch-size", "2", "--workers", "0", "--output-dir", str(pre)], capsys)
+    code, out, err = run_main(capsys, "--data", "imagenet", "--data-path", str(tmp_path / "folders"), "--model",
+                              "vit_mini", "--img-size", "48", "--finetune", str(tmp_path / "pre.pth"), "--epochs", "1",
+                              "--batch-size", "2", "--workers", "0", "--output-dir", str(pre))
     assert code == 0, err
     assert "finetune: pos_embed resized from 8x8 to 12x12 patch positions (bicubic)" in out
     assert "finetune: classifier re-initialised: 10 classes in the checkpoint, 2 here" in out

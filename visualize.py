@@ -54,7 +54,9 @@ def load(path):
 
 def blocks_of(model):
     """The transformer blocks in the order they run (Swin: over all stages)."""
-    return list(model.blocks) if isinstance(model, vit.VisionTransformer) else [b for s in model.layers for b in s.blocks]
+    if isinstance(model, vit.VisionTransformer):
+        return list(model.blocks)
+    return [b for s in model.layers for b in s.blocks]
 
 
 def trace_labels(model, x, token_labels):
