@@ -10,19 +10,11 @@ import torch
 
 import bench
 import tl_align as tl
+from test_train import run_main
 
 
 def run_bench(capsys, *argv):
-    """bench.main(argv) in this process, as `python bench.py ARGV` runs it but without a process's imports;
-    returns (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        bench.main(list(argv))
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_main(capsys, *argv, main=bench.main)
 
 
 def test_bench_reports_every_mode_for_both_attention_paths(capsys):

@@ -31,12 +31,12 @@ def run_cli(*args, cwd=HERE):
     return p.returncode, p.stdout, p.stderr
 
 
-def run_main(capsys, *argv):
-    """train.main(argv) in this process, as `python train.py ARGV` runs it but without the ~8 s of imports a
-    process of its own costs; returns (exit code, stdout, stderr)."""
+def run_main(capsys, *argv, main=None):
+    """main(argv) (train.main unless given, e.g. bench.main) in this process, as `python train.py ARGV` runs it
+    but without the ~8 s of imports a process of its own costs; returns (exit code, stdout, stderr)."""
     capsys.readouterr()
     try:
-        train.main(list(argv))
+        (main or train.main)(list(argv))
         code = 0
     except SystemExit as e:
         code = e.code
