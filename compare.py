@@ -439,6 +439,9 @@ def targets_figure(by_arm, path):
         points = [(s["train_mae"], s["final"]) for s in stats if s["train_mae"] is not None]
         if points:
             ax.scatter(*zip(*points), label=arm, s=22, alpha=0.8, color=f"C{list(ARMS).index(arm)}")
+    errors = [s["train_mae"] for stats in by_arm.values() for s in stats if s["train_mae"] is not None]
+    ax.set_xlim(-0.01, max(errors + [0.2]) * 1.1)  # from 0, the oracle's error, whatever has run so far
+    ax.margins(y=0.25)
     ax.set_xlabel("training target's mean |share of image 1 − visible share|")
     ax.set_ylabel("final test top-1 (%)")
     ax.legend(fontsize=8)
