@@ -166,3 +166,12 @@ def test_the_evidence_quotes_results_md():
     quoted |= set(re.findall(r"\*\*([+-]\d+\.\d\d) ± (\d+\.\d\d)\*\*", evidence))
     assert len(quoted) >= 2, "the evidence quotes no interval"
     assert quoted <= reported, f"quoted but not in results.md: {sorted(quoted - reported)}"
+
+
+def test_links_to_files_of_the_repository_land_on_files():
+    """README.md's, REFERENCE.md's and results.md's links and images to files here (figures, results.md) exist."""
+    for doc in ("README.md", "REFERENCE.md", "results.md"):
+        text = re.sub(r"```.*?```", "", (HERE / doc).read_text(), flags=re.S)
+        targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+        missing = [t for t in targets if t and not (HERE / t).exists()]
+        assert not missing, f"{doc} links to files that do not exist: {missing}"
