@@ -429,11 +429,11 @@ def targets_figure(by_arm, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     if by_arm.get("none"):
         tops = [s["final"] for s in by_arm["none"]]
         m, sd = statistics.mean(tops), statistics.stdev(tops) if len(tops) > 1 else 0.0
-        ax.axhspan(m - sd, m + sd, color="0.85", label="none (no mixing, no target): mean ± std")
+        ax.axhspan(m - sd, m + sd, color="0.85", label="none (no mixing,\nno target): mean ± std")
         ax.axhline(m, color="0.5", lw=1)
     for arm, stats in by_arm.items():
         points = [(s["train_mae"], s["final"]) for s in stats if s["train_mae"] is not None]
@@ -444,7 +444,7 @@ def targets_figure(by_arm, path):
     ax.margins(y=0.25)
     ax.set_xlabel("training target's mean |share of image 1 − visible share|")
     ax.set_ylabel("final test top-1 (%)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the plot: it hides no run
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
