@@ -354,25 +354,27 @@ def share_of_gain(stats, area, oracle, resamples=10000, seed=0):
     oracle gain is not above 0 has no share; `undefined` is their fraction, and above 2.5% the interval is
     unbounded (low and high None)."""
     area, oracle = {s["seed"]: s["final"] for s in area}, {s["seed"]: s["final"] for s in oracle}
-    triples = [(s["final"] - area[s["seed"]], oracle[s["seed"]] - area[s["seed"]]) for s in stats
-               if s["seed"] in area and s["seed"] in oracle]
-    if len(triples) < 2 or sum(o for _, o in triples) <= 0:
+    # per seed: (arm - area, oracle - area)
+    gains = [(s["final"] - area[s["seed"]], oracle[s["seed"]] - area[s["seed"]]) for s in stats
+             if s["seed"] in area and s["seed"] in oracle]
+    oracle_gain = sum(o for _, o in gains)
+    if len(gains) < 2 or oracle_gain <= 0:
         return None
     rng, shares, undefined = random.Random(seed), [], 0
     for _ in range(resamples):
-        draw = [rng.choice(triples) for _ in triples]
+        draw = [rng.choice(gains) for _ in gains]
         gain = sum(o for _, o in draw)
         if gain > 0:
             shares.append(sum(a for a, _ in draw) / gain)
         else:
             undefined += 1
-    point = sum(a for a, _ in triples) / sum(o for _, o in triples)
+    point = sum(a for a, _ in gains) / oracle_gain
     if undefined > 0.025 * resamples:
-        return point, None, None, len(triples), undefined / resamples
+        return point, None, None, len(gains), undefined / resamples
     shares.sort()  # an undefined draw counts as beyond both ends: the interval widens, never narrows
     k = max(0, int(0.025 * resamples) - undefined)
     low, high = shares[k], shares[len(shares) - 1 - k]
-    return point, low, high, len(triples), undefined / resamples
+    return point, low, high, len(gains), undefined / resamples
 
 
 def table(runs, label_images, val_sets):
