@@ -840,10 +840,11 @@ def resume_command(argv, saved, env=os.environ):
     the processes per node; on several nodes the rest of its flags are not known here) and the same flags,
     --resume in place."""
     launcher = ["python"]
-    if int(env.get("WORLD_SIZE", 1)) > 1:
-        nodes = int(env["WORLD_SIZE"]) // int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
-        launcher = ["torchrun", f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', env['WORLD_SIZE'])}"]
-        launcher += [f"--nnodes={nodes}", "<this run's rendezvous flags>"] if nodes > 1 else []
+    world = int(env.get("WORLD_SIZE", 1))
+    if world > 1:
+        per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+        launcher = ["torchrun", f"--nproc_per_node={per_node}"]
+        launcher += [f"--nnodes={world // per_node}", "<this run's rendezvous flags>"] if world > per_node else []
     kept, skip = [], False
     for a in argv:
         if skip or a == "--overwrite" or a.startswith("--resume="):
