@@ -2,10 +2,8 @@
 the test process, as `python bench.py` runs it."""
 import json
 import os
-import sys
 from contextlib import nullcontext
 
-import pytest
 import torch
 
 import bench
@@ -143,12 +141,10 @@ def test_gpu_check_reports_a_failing_configuration_and_runs_on(monkeypatch, caps
             raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
         return check_config(args, name, fused, *rest)
     monkeypatch.setattr(bench, "check_config", failing_when_fused)
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--gpu-check", "--device", "cpu", "--model", "vit_mini", "--steps",
-                                      "1", "--compiled", "none", "--amp", "bf16", "--num-classes", "10"])
-    with pytest.raises(SystemExit) as exit_:
-        bench.main()
-    assert exit_.value.code == "error: 1 of 2 configurations failed (their rows above)"
-    out = capsys.readouterr().out.splitlines()
+    code, out, _ = run_bench(capsys, "--gpu-check", "--device", "cpu", "--model", "vit_mini", "--steps", "1",
+                             "--compiled", "none", "--amp", "bf16", "--num-classes", "10")
+    assert code == "error: 1 of 2 configurations failed (their rows above)"
+    out = out.splitlines()
     assert out[3].split()[:3] == ["vit_mini", "explicit", "no"] and out[3].split()[-1] == "ref"
     assert out[4] == "vit_mini  fused    no      error: RuntimeError: CUDA error: an illegal memory access was encountered"
     assert out[-1].startswith("total ")

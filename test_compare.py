@@ -7,6 +7,7 @@ import os
 import pytest
 
 import compare
+from test_train import run_main
 
 
 def args_for(tmp_path, **kw):
@@ -172,12 +173,11 @@ def test_tiny_matrix_end_to_end_then_nothing_to_do(tmp_path, capsys):
     argv = ["--data", "synthetic", "--models", "vit_mini", "--arms", "none", "tl_align", "--seeds", "0", "--epochs",
             "1", "--subset", "128", "--label-images", "64", "--out", str(tmp_path / "runs"), "--results",
             str(tmp_path / "results.md"), "--", "--batch-size", "64", "--no-augment"]
-    compare.main(argv)
+    assert run_main(capsys, *argv, main=compare.main)[0] == 0
     text = (tmp_path / "results.md").read_text()
     assert "| none | 1: 0 |" in text and "| tl_align | 1: 0 |" in text
-    capsys.readouterr()
-    compare.main(argv)
-    assert "2 already finished, 0 to run" in capsys.readouterr().out
+    code, out, _ = run_main(capsys, *argv, main=compare.main)
+    assert code == 0 and "2 already finished, 0 to run" in out
     assert compare.signal.getsignal(compare.signal.SIGTERM) is not compare.interrupt  # put back as it was
     assert [i["argv"].split()[-1] for i in compare.read_json(tmp_path / "runs" / "invocations.json", [])] == \
         ["--no-augment"] * 2 and "--results" not in open(tmp_path / "runs" / "invocations.json").read()
@@ -187,18 +187,12 @@ def test_user_errors_end_in_one_line(tmp_path, capsys):
     common = ["--models", "vit_mini", "--arms", "area", "--seeds", "0", "1", "--jobs", "1", "--out",
               str(tmp_path / "runs"), "--results", str(tmp_path / "results.md"), "--"]
 
-    def run(*argv):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as exit_:
-            compare.main([*common, *argv])
-        return exit_.value.code, capsys.readouterr().err
-
-    code, err = run("--data-path", str(tmp_path / "nowhere"))
+    code, _, err = run_main(capsys, *common, "--data-path", str(tmp_path / "nowhere"), main=compare.main)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "1 run(s) failed" in err and "nowhere" in err  # train.py's own line
     started = [d for d, _, files in os.walk(tmp_path / "runs") if "train.out" in files]
     assert len(started) == 1 and started[0].endswith("seed0")  # after the failure, seed 1 never started
-    code, err = run("--seed", "3")
+    code, _, err = run_main(capsys, *common, "--seed", "3", main=compare.main)
     assert code == 2 and "--seed is set by compare.py itself" in err
 
 

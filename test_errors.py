@@ -86,8 +86,8 @@ def broken_folders(root, where):
 def test_an_unreadable_training_image_is_named_in_one_line(tmp_path, capsys, workers):
     broken_folders(tmp_path / "data", "train")
     code, _, err = run_main(capsys, "--data", "imagenet", "--data-path", str(tmp_path / "data"), "--model",
-                           "vit_mini", "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--repeats", "1",
-                           "--workers", workers, "--output-dir", str(tmp_path / "run"))
+                            "vit_mini", "--img-size", "32", "--epochs", "1", "--batch-size", "2", "--repeats", "1",
+                            "--workers", workers, "--output-dir", str(tmp_path / "run"))
     line = one_error_line(err, code)
     assert line.startswith("error: image ") and "0.JPEG cannot be read" in line and "--resume" in line
     assert str(tmp_path / "data" / "train") in line

@@ -165,11 +165,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
     fake_checkpoints(tmp_path)
     args, named = CASES[case]
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    # train.main in this process, as `python train.py` runs it (a process of its own costs ~8 s of imports:
-    # test_errors.py's tests run the command line itself)
-    with pytest.raises(SystemExit) as exit_:
-        train.main([*SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args])
-    code, err = exit_.value.code, capsys.readouterr().err
+    code, _, err = run_main(capsys, *SMALL, "--epochs", "1", "--output-dir", str(tmp_path / "run"), *args)
     assert code == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
     assert named in err
