@@ -467,17 +467,21 @@ def log_invocation(args, runs, seconds):
         i = argv.index("--results")
         argv = argv[:i] + argv[i + 2:]
     entries.append(dict(argv=shlex.join(["python", "compare.py", *argv]), seconds=seconds,
-                        dirs=[r["dir"] for r in runs], commit=git_commit()))
+                        dirs=[r["dir"] for r in runs], commit=git_commit(records=args.out)))
     write_json(path, entries)
 
 
-def git_commit():
-    """The commit of the code that runs (with '+changes' if the tree differs from it), or 'unknown'."""
+def git_commit(records="results"):
+    """The commit of the code that runs (with '+changes' if the tree differs from it), or 'unknown'. The
+    studies' records folder is not code: the records a study writes there must not mark its own code changed."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
-                               capture_output=True, text=True).stdout.strip()
+        records = os.path.relpath(os.path.abspath(records), HERE)
+        outside = records.startswith(os.pardir)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+                               + ([] if outside else [f":(exclude){records}"]), cwd=HERE, capture_output=True,
+                               text=True, check=True).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 
 import pytest
 
@@ -104,6 +105,31 @@ def test_runs_of_another_command_are_not_reused(tmp_path):
     other = compare.plan(args_for(tmp_path, **{**vars(args), "train_args": ["--lr", "0.1"]}))[0]
     with pytest.raises(SystemExit, match="another command"):
         compare.claim(other)
+
+
+def test_the_commit_named_is_marked_changed_by_code_only_never_by_the_studys_records(tmp_path, monkeypatch):
+    def git(*argv):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *argv], cwd=tmp_path, check=True,
+                       capture_output=True)
+    (tmp_path / "results").mkdir()
+    for name in ("train.py", "results/invocations.json"):
+        (tmp_path / name).write_text("[]")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "code and records")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=tmp_path, capture_output=True,
+                          text=True).stdout.strip()
+    monkeypatch.setattr(compare, "HERE", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results" / "invocations.json").write_text("[{}]")  # what the study itself writes
+    assert compare.git_commit("results") == head
+    assert compare.git_commit(str(tmp_path.parent)) == head + "+changes"  # records kept elsewhere: all counts
+    (tmp_path / "train.py").write_text("[1]")
+    assert compare.git_commit("results") == head + "+changes"
+    monkeypatch.setattr(compare, "HERE", str(tmp_path / "results"))  # not a checkout: git fails
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-such-git"))
+    assert compare.git_commit("results") == "unknown"
 
 
 def test_student_t_quantiles_by_closed_forms():
