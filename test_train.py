@@ -595,3 +595,11 @@ def test_the_resume_line_names_the_launcher_that_ran():
     two_nodes = dict(WORLD_SIZE="16", LOCAL_WORLD_SIZE="8")
     assert train.resume_command(argv, "r/checkpoint.pt", two_nodes).startswith(
         "torchrun --nproc_per_node=8 --nnodes=2 <this run's rendezvous flags> train.py --epochs 5 --resume")
+
+
+def test_torchrun_facts_default_to_one_plain_python_process():
+    assert [train.torchrun_fact(name, {}) for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")] \
+        == [0, 0, 1, 1]
+    assert train.torchrun_fact("LOCAL_WORLD_SIZE", dict(WORLD_SIZE="4")) == 4  # one node unless told otherwise
+    torchrun = dict(RANK="5", LOCAL_RANK="1", WORLD_SIZE="8", LOCAL_WORLD_SIZE="4")
+    assert [train.torchrun_fact(name, torchrun) for name in torchrun] == [5, 1, 8, 4]

@@ -172,9 +172,16 @@ def get_args(argv=None, world=None):
             os.path.join("runs", f"{stamp}-{args.data}-{args.model}")
         while args.new_folder and os.path.exists(args.output_dir):  # two runs started within one second
             args.output_dir += "+"
-    args.world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    args.world = torchrun_fact("WORLD_SIZE") if world is None else world
     args.lr, args.warmup_lr, args.min_lr = rates(args)
     return args
+
+
+def torchrun_fact(name, env=os.environ):
+    """One of the facts torchrun gives each process it starts (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE),
+    or its value for plain python, one process: ranks 0, sizes 1."""
+    default = torchrun_fact("WORLD_SIZE", env) if name == "LOCAL_WORLD_SIZE" else int(name.endswith("SIZE"))
+    return int(env.get(name, default))
 
 
 def default_workers():
@@ -185,7 +192,7 @@ def default_workers():
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # no CPU affinity on macOS and Windows
         cpus = os.cpu_count() or 1
-    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)) - 1)
+    return max(1, cpus // torchrun_fact("LOCAL_WORLD_SIZE") - 1)
 
 
 def check_shared_memory(args, img_size, free=None):
@@ -196,7 +203,7 @@ def check_shared_memory(args, img_size, free=None):
         return
     free = shutil.disk_usage("/dev/shm").free if free is None else free
     batch = args.batch_size * 3 * img_size ** 2  # bytes of one uint8 batch
-    need = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * args.workers * 2 * batch
+    need = torchrun_fact("LOCAL_WORLD_SIZE") * args.workers * 2 * batch
     if need > free:
         raise UserError(f"/dev/shm has {free / 2**20:.0f} MB free, the loaders need ~{need / 2**20:.0f} MB ("
                         f"{args.workers} workers x 2 batches of {batch / 2**20:.1f} MB per process): run the "
@@ -246,7 +253,7 @@ def check_args(args):
 
 def setup_distributed(args):
     """(rank, device): torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
-    rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    rank, local = torchrun_fact("RANK"), torchrun_fact("LOCAL_RANK")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -840,9 +847,9 @@ def resume_command(argv, saved, env=os.environ):
     the processes per node; on several nodes the rest of its flags are not known here) and the same flags,
     --resume in place."""
     launcher = ["python"]
-    world = int(env.get("WORLD_SIZE", 1))
+    world = torchrun_fact("WORLD_SIZE", env)
     if world > 1:
-        per_node = int(env.get("LOCAL_WORLD_SIZE", world))
+        per_node = torchrun_fact("LOCAL_WORLD_SIZE", env)
         launcher = ["torchrun", f"--nproc_per_node={per_node}"]
         launcher += [f"--nnodes={world // per_node}", "<this run's rendezvous flags>"] if world > per_node else []
     kept, skip = [], False
@@ -863,11 +870,11 @@ def main(argv=None):
     try:
         run(args)
     except (UserError, data.DataError, checkpoint.CheckpointError) as e:
-        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else ""
+        where = f" (rank {torchrun_fact('RANK')})" if torchrun_fact("WORLD_SIZE") > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is whole (written atomically), say where it is
-        if int(os.environ.get("RANK", 0)) == 0:
+        if torchrun_fact("RANK") == 0:
             saved = os.path.join(args.output_dir, "checkpoint.pt")
             print("interrupted: " + (f"the last checkpoint is {saved}; continue exactly with: "
                                      f"{resume_command(argv, saved)}" if os.path.isfile(saved) and not args.eval
