@@ -471,7 +471,7 @@ def log_invocation(args, runs, seconds):
     write_json(path, entries)
 
 
-def git_commit(records="results"):
+def git_commit(records):
     """The commit of the code that runs (with '+changes' if the tree differs from it), or 'unknown'. The
     studies' records folder is not code: the records a study writes there must not mark its own code changed."""
     try:

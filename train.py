@@ -870,7 +870,7 @@ def main(argv=None):
     try:
         run(args)
     except (UserError, data.DataError, checkpoint.CheckpointError) as e:
-        where = f" (rank {torchrun_fact('RANK')})" if torchrun_fact("WORLD_SIZE") > 1 else ""
+        where = f" (rank {torchrun_fact('RANK')})" if args.world > 1 else ""
         print(f"error{where}: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is whole (written atomically), say where it is
