@@ -44,6 +44,13 @@ def test_plan_is_the_whole_matrix_pilot_first(tmp_path):
     assert five == [("none", 7), ("none", 8), ("none", 9), ("area", 7), ("area", 8), ("area", 9), ("tl_align", 7),
                     ("tl_align", 8), ("tl_align", 9), ("none", 10), ("area", 10), ("tl_align", 10), ("none", 11),
                     ("area", 11), ("tl_align", 11)]
+    # a study's more seeds of a few arms come last, whole seeds again, the same commands as the rest
+    more = compare.plan(args_for(tmp_path, models=["vit_mini"], seeds=[7, 8, 9], arms=["none", "area", "tl_align"],
+                                 more_seeds=(["area", "tl_align"], [8, 12, 13])))
+    assert [(r["arm"], r["seed"]) for r in more][9:] == [("area", 12), ("tl_align", 12), ("area", 13),
+                                                          ("tl_align", 13)]
+    matrix = compare.plan(compare.study_args(args_for(tmp_path), "matrix"))
+    assert len(matrix) == 10 * 5 + 10 * 2 and len({r["dir"] for r in matrix}) == len(matrix)
     none = next(r for r in runs if r["arm"] == "none")
     assert "--mix" in none["cmd"] and "--target" not in none["cmd"]
     deit = next(r for r in runs if r["arm"] == "deit")["cmd"]
