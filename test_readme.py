@@ -166,6 +166,10 @@ def test_the_evidence_quotes_results_md():
     quoted |= set(re.findall(r"\*\*([+-]\d+\.\d\d) ± (\d+\.\d\d)\*\*", evidence))
     assert len(quoted) >= 2, "the evidence quotes no interval"
     assert quoted <= reported, f"quoted but not in results.md: {sorted(quoted - reported)}"
+    # the shares of the oracle's gain: '+0.48 [+0.09, +0.91]' as results.md has '+0.48, 95% interval [...]'
+    shares = set(re.findall(r"([+-]\d+\.\d\d),? (?:95% interval )?\[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]", evidence))
+    assert shares <= set(re.findall(r"([+-]\d+\.\d\d), 95% interval \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]",
+                                    results.replace("−", "-"))), "a share quoted but not in results.md"
 
 
 def test_links_to_files_of_the_repository_land_on_files():
