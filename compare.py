@@ -149,24 +149,32 @@ def records(run):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def made_by_plan(run):
+    """Whether the run's folder holds this run's command (cmd.json). Its --output-dir is where the folder was
+    found, however it is spelt (results/x, ./results/x, an absolute path): only the rest must be equal."""
+    made_by = read_json(os.path.join(run["dir"], "cmd.json"), None)
+    without_dir = lambda cmd: cmd[:cmd.index("--output-dir")] + cmd[cmd.index("--output-dir") + 2:]
+    return made_by is not None and "--output-dir" in made_by and without_dir(made_by) == without_dir(run["cmd"])
+
+
 def finished(run):
     """All its epochs logged, by this run's command: a folder another command made is never counted."""
-    made_by = read_json(os.path.join(run["dir"], "cmd.json"), None)
-    return made_by == run["cmd"] and [r["epoch"] for r in records(run)] == list(range(run["epochs"]))
+    return made_by_plan(run) and [r["epoch"] for r in records(run)] == list(range(run["epochs"]))
 
 
 def claim(run):
-    """Make the run's directory this command's, or refuse if another command made it."""
+    """Make the run's directory this command's, or refuse if another command, or a run whose command is not
+    known (a log without cmd.json), holds it."""
     os.makedirs(run["dir"], exist_ok=True)
     path = os.path.join(run["dir"], "cmd.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != run["cmd"]:
-                raise SystemExit(f"error: {run['dir']} holds a run of another command (see its cmd.json); "
-                                 f"use another --out, or delete that directory to run it anew")
-    else:
-        with open(path, "w") as f:
-            json.dump(run["cmd"], f)
+    if os.path.exists(path) and not made_by_plan(run):
+        raise SystemExit(f"error: {run['dir']} holds a run of another command (see its cmd.json); "
+                         f"use another --out, or delete that directory to run it anew")
+    if not os.path.exists(path):
+        if records(run):
+            raise SystemExit(f"error: {run['dir']} holds a run whose command is not known (a log.jsonl without "
+                             f"cmd.json); use another --out, or delete that directory to run it anew")
+        write_json(path, run["cmd"])
 
 
 def command_now(run):
@@ -399,7 +407,7 @@ def smoothing_floor(run):
     label-smoothed one-hot target, 1 - eps + eps / k on the class and eps / k on each of the k - 1 others."""
     args = train.get_args(run["cmd"][1:])
     eps, k = args.smoothing, data.DATASETS[args.data]["num_classes"]
-    entropy = -sum(p * math.log(p) * count for p, count in ((1 - eps + eps / k, 1), (eps / k, k - 1)) if p > 0)
+    entropy = sum(count * p * math.log(1 / p) for p, count in ((1 - eps + eps / k, 1), (eps / k, k - 1)) if p > 0)
     return eps, k, entropy
 
 
@@ -575,7 +583,7 @@ def calibration_table(runs, args):
                         "run has finished (at least 2 seeds of each pair).")
     elif counts:
         verdict_line = ("**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals "
-                        f"above 0) at epoch {', '.join(map(str, sorted(counts)))} of the {len(epochs)} evaluated "
+                        f"above 0) at epoch{'s' * (len(counts) > 1)} {', '.join(map(str, sorted(counts)))} of the {len(epochs)} evaluated "
                         "epochs (each tested at 95%, with no correction for looking at several).")
     else:
         verdict_line = ("**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or "

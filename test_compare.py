@@ -115,10 +115,24 @@ def test_runs_of_another_command_are_not_reused(tmp_path):
     mine = compare.plan(args)[0]
     plant(mine, [50.0])
     assert compare.finished(mine) and not compare.finished(other)  # all its epochs, but not other's command
+    spelt = compare.plan(args_for(tmp_path, **{**vars(args), "out": f"{tmp_path}/./runs/"}))[0]
+    assert spelt["dir"] != mine["dir"] and compare.finished(spelt)  # the same folder, spelt otherwise
     compare.write_json(os.path.join(mine["dir"], "cmd.json"), other["cmd"])
     assert not compare.finished(mine)  # finished by another command: neither reported nor skipped
     with pytest.raises(SystemExit, match="another command"):
         compare.execute([mine], args)
+    os.remove(os.path.join(mine["dir"], "cmd.json"))  # a whole log, its command unknown: never run over
+    with pytest.raises(SystemExit, match="command is not known"):
+        compare.execute([mine], args)
+    assert compare.records(mine) and not os.path.exists(os.path.join(mine["dir"], "cmd.json"))
+
+
+def test_the_smoothing_floor_is_the_entropy_of_the_smoothed_target(tmp_path):
+    run = compare.plan(args_for(tmp_path, models=["vit_mini"], arms=["none"], seeds=[0]))[0]
+    eps, k, floor = compare.smoothing_floor(run)
+    assert (eps, k) == (0.1, 10) and abs(floor - (0.91 * math.log(1 / 0.91) + 0.09 * math.log(100))) < 1e-12
+    run["cmd"] += ["--smoothing", "0"]
+    assert compare.smoothing_floor(run) == (0.0, 10, 0.0)  # a one-hot target: a floor of 0, not -0
 
 
 def test_the_commit_named_is_marked_changed_by_code_only_never_by_the_studys_records(tmp_path, monkeypatch):
