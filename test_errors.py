@@ -140,6 +140,16 @@ def test_bad_arguments_end_in_one_line(tmp_path, capsys, case):
     assert not (tmp_path / "run").exists()  # refused before anything is made
 
 
+def test_under_torchrun_the_one_line_names_the_rank(tmp_path, capsys, monkeypatch):
+    """Every process of a torchrun launch prints its error: the line says which (refused before any process
+    group is made, so one process stands for rank 1 of 2)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--epochs", "1", *SMALL, "--output-dir", str(tmp_path / "run"), "--smoothing", "1"])
+    assert one_error_line(capsys.readouterr().err, exit_info.value.code).startswith("error (rank 1): --smoothing 1.0")
+
+
 def test_one_class_is_refused_and_fp16_on_a_cpu_is_warned(tmp_path, capsys, monkeypatch):
     write_folders(tmp_path / "one", [2])
     with pytest.raises(SystemExit) as exit_info:
