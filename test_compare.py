@@ -50,7 +50,7 @@ def test_plan_is_the_whole_matrix_pilot_first(tmp_path):
     assert [(r["arm"], r["seed"]) for r in more][9:] == [("area", 12), ("tl_align", 12), ("area", 13),
                                                           ("tl_align", 13)]
     matrix = compare.plan(compare.study_args(args_for(tmp_path), "matrix"))
-    assert len(matrix) == 10 * 5 + 10 * 2 and len({r["dir"] for r in matrix}) == len(matrix)
+    assert len(matrix) == 10 * 5 + 18 * 2 and len({r["dir"] for r in matrix}) == len(matrix)
     none = next(r for r in runs if r["arm"] == "none")
     assert "--mix" in none["cmd"] and "--target" not in none["cmd"]
     deit = next(r for r in runs if r["arm"] == "deit")["cmd"]
