@@ -168,6 +168,7 @@ def test_the_evidence_quotes_results_md():
     assert quoted <= reported, f"quoted but not in results.md: {sorted(quoted - reported)}"
     # the shares of the oracle's gain: '+0.48 [+0.09, +0.91]' as results.md has '+0.48, 95% interval [...]'
     shares = set(re.findall(r"([+-]\d+\.\d\d),? (?:95% interval )?\[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]", evidence))
+    assert shares, "the evidence quotes no share of the oracle's gain"
     assert shares <= set(re.findall(r"([+-]\d+\.\d\d), 95% interval \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]",
                                     results.replace("−", "-"))), "a share quoted but not in results.md"
 
