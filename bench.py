@@ -557,7 +557,7 @@ def print_check_row(r):
     kernels = ",".join(dict.fromkeys(k.split("_")[0] for k in r["kernels"].values())) or "-"  # as short_name
     peak = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
     diffs = ("ref", "ref") if r["label_diff"] is None else (f"{r['label_diff']:.1e}", f"{r['grad_diff']:.1e}")
-    print(f"{r['model']:9s} {r['attn']:8s} {'yes' if r['compiled'] else 'no':7s} {r['first']:7.1f} {r['img_s']:8.1f} "
+    print(f"{r['model']:9s} {r['attn']:8s} {'yes' if r['compiled'] else 'no':7s} {r['first']:7.3f} {r['img_s']:8.1f} "
           f"{peak:>7s} {r['syncs']:10.2f} {kernels:16s} {diffs[0]:>10s} {diffs[1]:>9s}", flush=True)
 
 
