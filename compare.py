@@ -114,7 +114,7 @@ def plan(args):
     grows by whole seeds, every arm paired; then a study's more_seeds (arms, seeds), if it has them: more
     seeds of a few arms, to narrow their paired difference."""
     runs = []
-    more_arms, more_seeds = getattr(args, "more_seeds", None) or ([], [])
+    more_arms, more_seeds = extra_seeds(args)
     for model in args.models:
         first = args.seeds[:PILOT_SEEDS]
         order = [(arm, seed) for arm in args.arms if arm in PILOT for seed in first]
@@ -129,6 +129,11 @@ def plan(args):
             run["cmd"] = train_command(run, args.train_args)
             runs.append(run)
     return runs
+
+
+def extra_seeds(args):
+    """(arms, seeds): a study's more seeds of a few arms, beyond the seeds of every arm; none unless it has them."""
+    return getattr(args, "more_seeds", None) or ([], [])
 
 
 def regime_name(args):
@@ -168,13 +173,14 @@ def claim(run):
     known (a log without cmd.json), holds it."""
     os.makedirs(run["dir"], exist_ok=True)
     path = os.path.join(run["dir"], "cmd.json")
-    if os.path.exists(path) and not made_by_plan(run):
-        raise SystemExit(f"error: {run['dir']} holds a run of another command (see its cmd.json); "
-                         f"use another --out, or delete that directory to run it anew")
-    if not os.path.exists(path):
-        if records(run):
-            raise SystemExit(f"error: {run['dir']} holds a run whose command is not known (a log.jsonl without "
-                             f"cmd.json); use another --out, or delete that directory to run it anew")
+    if os.path.exists(path):
+        if not made_by_plan(run):
+            raise SystemExit(f"error: {run['dir']} holds a run of another command (see its cmd.json); "
+                             f"use another --out, or delete that directory to run it anew")
+    elif records(run):
+        raise SystemExit(f"error: {run['dir']} holds a run whose command is not known (a log.jsonl without "
+                         f"cmd.json); use another --out, or delete that directory to run it anew")
+    else:
         write_json(path, run["cmd"])
 
 
@@ -387,15 +393,16 @@ def share_of_gain(stats, area, oracle):
     n = len(gains)
     if n < 2:
         return None
-    arm_gain, oracle_gain = (statistics.mean(g) for g in zip(*gains))
+    arm_gains, oracle_gains = zip(*gains)
+    arm_gain, oracle_gain = statistics.mean(arm_gains), statistics.mean(oracle_gains)
     result = dict(point=None, low=None, high=None, seeds=n, oracle_gain=oracle_gain)
     if oracle_gain <= 1e-9:  # top-1 differences are whole hundredths: below that is float noise, not a gain
         return result
     result["point"] = arm_gain / oracle_gain
     # (mean_a - R mean_o)^2 <= t^2 / n * var(a - R o), a quadratic A R^2 - 2 B R + C <= 0
     q = t_quantile(0.975, n - 1) ** 2 / n
-    var_a, var_o = statistics.variance([a for a, _ in gains]), statistics.variance([o for _, o in gains])
-    cov = statistics.covariance([a for a, _ in gains], [o for _, o in gains])
+    var_a, var_o = statistics.variance(arm_gains), statistics.variance(oracle_gains)
+    cov = statistics.covariance(arm_gains, oracle_gains)
     A, B, C = oracle_gain ** 2 - q * var_o, arm_gain * oracle_gain - q * cov, arm_gain ** 2 - q * var_a
     if A > 0:  # the oracle's gain is clearly above 0: the set is the interval between the roots
         root = math.sqrt(max(B * B - A * C, 0.0))  # >= 0 in exact arithmetic: R = point satisfies the inequality
@@ -584,8 +591,9 @@ def calibration_table(runs, args):
                         "run has finished (at least 2 seeds of each pair).")
     elif counts:
         verdict_line = ("**The regime counts** (CutMix beats no mixing and the oracle beats area, both intervals "
-                        f"above 0) at epoch{'s' * (len(counts) > 1)} {', '.join(map(str, sorted(counts)))} of the {len(epochs)} evaluated "
-                        "epochs (each tested at 95%, with no correction for looking at several).")
+                        f"above 0) at epoch{'s' * (len(counts) > 1)} {', '.join(map(str, sorted(counts)))} of the "
+                        f"{len(epochs)} evaluated epochs (each tested at 95%, with no correction for looking at "
+                        "several).")
     else:
         verdict_line = ("**The regime does not count** at any evaluated epoch: CutMix does not beat no mixing, or "
                         "the oracle does not beat area, with an interval above 0.")
@@ -615,7 +623,7 @@ def section(runs, args, figure_dir=None):
     subset = "all" if not args.subset else f"the first {args.subset:,}"
     name = getattr(args, "study", None) or ("calibration" if args.holdout else "matrix")
     commits = sorted({i["commit"] for i in ran if "commit" in i}) or ["unknown"]  # the first runs kept none
-    more_arms, more_seeds = getattr(args, "more_seeds", None) or ([], [])
+    more_arms, more_seeds = extra_seeds(args)
     seeds = seed_spans(args.seeds) + (f" ({' and '.join(more_arms)} also {seed_spans(more_seeds)})"
                                       if more_seeds else "")
     status = (f"{n_done} of {len(runs)} runs finished, seeds {seeds}, code at commit "
@@ -625,7 +633,8 @@ def section(runs, args, figure_dir=None):
     out = [f"## {name.capitalize()}: {args.data}, {subset} training images, {args.epochs} epochs", "", status, "",
            f"The regime: {args.data}, {subset} training images, {args.epochs} epochs, train.py's recipe for the "
            f"data set with `{' '.join(args.train_args)}`. Every arm of a seed starts from the same "
-           f"initialisation and sees the same data order. " + getattr(args, "history", ""), ""]
+           f"initialisation and sees the same data order." + (f" {args.history}" if getattr(args, "history", None)
+                                                              else ""), ""]
     if args.holdout:
         out += [f"Validation on the last {args.holdout:,} training images (`--holdout`), never the test set.", ""]
         for model, group in groups.items():

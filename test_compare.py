@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import random
 import subprocess
 
 import pytest
@@ -233,7 +234,6 @@ def test_the_share_interval_covers_the_true_share_95_percent_of_the_time(seeds):
     """Per-seed gains drawn normal and correlated, the true share 0.3 of an oracle gain of 1.5 whose spread
     leaves it clearly above 0 (bounded intervals): over 2,000 matrices the interval holds 0.3 in 93-97% of
     them (0.95 +- 4 standard errors). The percentile bootstrap it replaced held it in about 70% at 3 seeds."""
-    import random
     rng, hits, unbounded = random.Random(seeds), 0, 0
     for _ in range(2000):
         oracle, arm = [], []
